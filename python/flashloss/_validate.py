@@ -1,0 +1,37 @@
+"""Argument checks shared by every public function. Each error names the argument and says what
+was expected, so a user never meets a NaN, a segfault or a kernel-level assertion instead."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dim: int | tuple[int, ...] | None = None,
+    dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None:
+        dims = (dim,) if isinstance(dim, int) else dim
+        if t.dim() not in dims:
+            want = " or ".join(f"{d}-D" for d in dims)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device} (like the other inputs), got {t.device}")
+    return t
