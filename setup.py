@@ -25,6 +25,21 @@ def read_version():
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 
+def cpu_isa_flags():
+    """SIMD flags for the CPU kernels. The extension is compiled on the machine that runs it (pip
+    install from source), so AVX2+FMA are enabled when this CPU has them; the 8-lane vector code
+    in csrc/cpu/simd.h then maps onto one AVX register. FLASHLOSS_CPU_FLAGS overrides (e.g. ""
+    for a portable build that runs on any x86-64)."""
+    if "FLASHLOSS_CPU_FLAGS" in os.environ:
+        return os.environ["FLASHLOSS_CPU_FLAGS"].split()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+
+
 def native_extensions():
     if os.environ.get("FLASHLOSS_NO_NATIVE") == "1":
         return [], {}
@@ -36,7 +51,7 @@ def native_extensions():
         return [], {}
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
     sources = ["csrc/ops.cpp"] + rel(sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-psabi"] + cpu_isa_flags()
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

@@ -74,13 +74,15 @@ def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]
             return False, f"the cpu backend runs CPU tensors only, got {device.type} tensors"
         return True, "C++ kernels in flashloss._C (OpenMP)"
     if name == "cuda":
-        if device.type != "cuda":
-            return False, f"the cuda backend runs CUDA tensors only, got {device.type} tensors"
         if not _native.load(warn=False):
             return False, f"flashloss._C is not built ({_native.load_error()}); run `make install`"
         if not _native.compiled_with_cuda():
-            return False, ("flashloss._C was built without CUDA kernels: reinstall with a CUDA build "
-                           "of torch and nvcc on PATH (`pip install --no-build-isolation .`)")
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            return False, (f"flashloss._C was built without CUDA kernels (torch {torch.__version__} is "
+                           f"{build}): reinstall with a CUDA build of torch and nvcc on PATH "
+                           "(`pip install --no-build-isolation .`)")
+        if device.type != "cuda":
+            return False, f"the cuda backend runs CUDA tensors only, got {device.type} tensors"
         return True, "CUDA C++ kernels in flashloss._C"
     if name == "triton":
         if not _triton_installed():
