@@ -44,6 +44,8 @@ class BenchCase:
     dtypes: dict[str, torch.dtype] = field(default_factory=lambda: {"cpu": torch.float32, "cuda": torch.bfloat16})
     # warm-up size for the memory subprocess (loads libraries, compiles kernels)
     warmup_size: Size | None = None
+    # module that registers this case: the memory subprocess imports it to find the case again
+    defined_in: str = "flashloss.benchmark.cases"
 
     def label(self, size: Size) -> str:
         return " ".join(f"{k}={v}" for k, v in size.items())
@@ -76,8 +78,12 @@ def get_case(name: str) -> BenchCase:
     return cases[name]
 
 
-def memory_target(case: str, impl: str, size: Size, device: str, dtype: str):
+def memory_target(case: str, impl: str, size: Size, device: str, dtype: str,
+                  defined_in: str = "flashloss.benchmark.cases"):
     """Entry point for the memory subprocess: builds the inputs, returns run()."""
+    import importlib
+
+    importlib.import_module(defined_in)
     c = get_case(case)
     return c.impl(impl).setup(size, device, getattr(torch, dtype))
 

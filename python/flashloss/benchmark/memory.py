@@ -33,14 +33,18 @@ def measure_peak_extra(
     device: str = "cpu",
     warmup_kwargs: dict[str, Any] | None = None,
     timeout: float = 600.0,
+    sys_path: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runs `target` in a fresh interpreter and returns a dict with `peak_extra_bytes`,
     `baseline_bytes`, `peak_bytes`, `returned_bytes`. Raises RuntimeError if the child fails
-    (the child's stderr tail is in the message); `error == "oom"` results are returned."""
+    (the child's stderr tail is in the message); `error == "oom"` results are returned.
+    `sys_path` entries are prepended to the child's PYTHONPATH (for targets outside the package)."""
     spec = {"target": target, "kwargs": kwargs or {}, "device": device, "warmup_kwargs": warmup_kwargs}
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env.setdefault("PYTHONWARNINGS", "ignore")
+    if sys_path:
+        env["PYTHONPATH"] = os.pathsep.join(list(sys_path) + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
         [sys.executable, "-m", "flashloss.benchmark._memory_child", json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout, env=env,

@@ -72,7 +72,8 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def run_case(case: BenchCase, device: str, quick: bool, ceiling: dict[str, Any], memory: bool,
-             progress: Progress, impl_filter: list[str] | None = None) -> list[dict[str, Any]]:
+             progress: Progress, impl_filter: list[str] | None = None,
+             sys_path: list[str] | None = None) -> list[dict[str, Any]]:
     dtype = case.dtypes[device]
     sizes = case.sizes_quick if quick else case.sizes_full
     budget = memory_budget_bytes(device)
@@ -115,14 +116,12 @@ def run_case(case: BenchCase, device: str, quick: bool, ceiling: dict[str, Any],
             row["bound"] = ("compute" if flops / ceiling["matmul_flops_per_s"] >= nbytes / ceiling["copy_bytes_per_s"]
                             else "memory")
             if memory:
+                spec = {"case": case.name, "impl": impl.name, "device": device,
+                        "dtype": str(dtype).replace("torch.", ""), "defined_in": case.defined_in}
                 mem = measure_peak_extra(
-                    "flashloss.benchmark.harness:memory_target",
-                    {"case": case.name, "impl": impl.name, "size": size, "device": device,
-                     "dtype": str(dtype).replace("torch.", "")},
-                    device=device,
-                    warmup_kwargs=None if case.warmup_size is None else {
-                        "case": case.name, "impl": impl.name, "size": case.warmup_size,
-                        "device": device, "dtype": str(dtype).replace("torch.", "")},
+                    "flashloss.benchmark.harness:memory_target", {**spec, "size": size},
+                    device=device, sys_path=sys_path,
+                    warmup_kwargs=None if case.warmup_size is None else {**spec, "size": case.warmup_size},
                 )
                 if mem.get("error") == "oom":
                     row["peak_extra_bytes"] = None
@@ -160,7 +159,7 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for r in rows:
         size = " ".join(f"{k}={v}" for k, v in r["size"].items())
         if r["status"] != "ok":
-            out.append([r["case"], size, r["impl"], r["status"], r.get("reason", ""), "", "", "", "", ""])
+            out.append([r["case"], size, r["impl"], r["status"], "", "", "", "", "", ""])
             continue
         out.append([
             r["case"], size, r["impl"], f"{r['time_s'] * 1e3:.2f} ms",
@@ -173,11 +172,23 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def _reasons(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per implementation that did not run everywhere, with the reason."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            seen.setdefault((r["impl"], r["status"]), r.get("reason", ""))
+    return [f"{impl} {status}: {why}" for (impl, status), why in seen.items()]
+
+
 def format_terminal(rows: list[dict[str, Any]]) -> str:
     table = [COLUMNS] + _table_rows(rows)
     widths = [max(len(str(line[i])) for line in table) for i in range(len(COLUMNS))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    reasons = _reasons(rows)
+    if reasons:
+        lines += [""] + [f"note: {line}" for line in reasons]
     return "\n".join(lines)
 
 
@@ -199,6 +210,9 @@ def format_markdown(report: dict[str, Any]) -> str:
     table = [COLUMNS] + _table_rows(report["results"])
     body = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(COLUMNS)]
     body += ["| " + " | ".join(str(c) for c in line) + " |" for line in table[1:]]
+    notes = _reasons(report["results"])
+    if notes:
+        body += [""] + [f"- {line}" for line in notes]
     return "\n".join(head + body) + "\n"
 
 
@@ -243,7 +257,8 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
 
 
 def run_bench(case_names: list[str] | None, device: str, quick: bool, out_dir: str,
-              memory: bool = True, impls: list[str] | None = None, command: str = "") -> dict[str, Any]:
+              memory: bool = True, impls: list[str] | None = None, command: str = "",
+              sys_path: list[str] | None = None) -> dict[str, Any]:
     cases = all_cases()
     selected = [cases[n] for n in case_names] if case_names else list(cases.values())
     sizes = sum(len(c.sizes_quick if quick else c.sizes_full) * len(c.impls) for c in selected)
@@ -252,7 +267,7 @@ def run_bench(case_names: list[str] | None, device: str, quick: bool, out_dir: s
     ceiling = measure_ceiling(device, quick=quick)
     results: list[dict[str, Any]] = []
     for case in selected:
-        results += run_case(case, device, quick, ceiling, memory, progress, impls)
+        results += run_case(case, device, quick, ceiling, memory, progress, impls, sys_path)
     report = {
         "flashloss": __version__,
         "mode": "quick" if quick else "full",

@@ -23,8 +23,8 @@ from .._validate import FLOAT_DTYPES, check_tensor
 OP = "row_logsumexp"
 
 # Columns per chunk of the torch backend are chosen so that one chunk's fp32 temporaries stay
-# below this many elements (64 MB): memory O(N + chunk) whatever V is.
-TORCH_CHUNK_ELEMENTS = 1 << 24
+# below this many elements (16 MB): memory O(N + chunk) whatever V is.
+TORCH_CHUNK_ELEMENTS = 1 << 22
 TORCH_MIN_CHUNK = 128
 
 
@@ -152,7 +152,7 @@ def row_logsumexp(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension (the reduced one is the last), got a 0-d tensor")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     name = _backend.resolve(OP, backend, x.device)

@@ -1,0 +1,39 @@
+"""Targets for the subprocess memory measurements of the tests (see
+flashloss.benchmark.memory for the protocol: build inputs, return run())."""
+import torch
+
+
+def linear_alloc(n: int):
+    x = torch.randn(n, 64)
+
+    def run():
+        return (x * 2).sum(1)  # O(n) temporaries
+
+    return run
+
+
+def quadratic_alloc(n: int):
+    """A planted defect: materialises an n x n matrix (what flashloss must never do)."""
+    x = torch.randn(n, 64)
+
+    def run():
+        return (x @ x.T).logsumexp(1)
+
+    return run
+
+
+def row_logsumexp_fwd_bwd(n: int, v: int, backend: str):
+    import flashloss
+
+    x = torch.randn(n, v, requires_grad=True)
+    g = torch.randn(n)
+
+    def run():
+        if backend == "naive":
+            out = flashloss.ref.row_logsumexp(x)
+        else:
+            out = flashloss.row_logsumexp(x, backend=backend)
+        (gx,) = torch.autograd.grad(out, x, g)
+        return gx
+
+    return run
