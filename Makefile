@@ -1,0 +1,73 @@
+# flashloss: everything from a bare clone. Needs Python 3.11 (or 3.10+), a C++ compiler and the
+# package registries; creates .venv on first use.
+#
+#   make demo    set up, then `flashloss info` and the benchmark report on the embedded quick sizes
+#   make test    set up, then the full test suite (pytest) and the C++ unit tests (ctest)
+#
+# TORCH_SPEC picks the torch to install: the default is the CPU build 2.13.0; on a GPU machine use
+# e.g. `make test TORCH_SPEC=torch` (a CUDA build), then flashloss._C also gets the CUDA kernels.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BENCH_OUT ?= bench/out
+CMAKE_BUILD ?= build/cmake
+
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+NATIVE_SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test install pytest ctest bench bench-full bench-pytest gpu clean
+
+demo: install
+	$(VENV)/bin/flashloss info
+	$(VENV)/bin/flashloss bench --quick --out $(BENCH_OUT)
+
+test: install
+	$(PY) -m pytest tests -q
+	$(MAKE) ctest
+
+install: $(VENV)/.flashloss-installed
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Third-party dependencies. torch first and pinned: an unpinned torch may pull a multi-GB CUDA
+# build on a CPU-only machine. Everything else comes through setup.py's extras.
+$(VENV)/.deps: $(VENV)/bin/python setup.py
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q ninja cmake numpy triton pytest pytest-benchmark hypothesis matplotlib
+	touch $@
+
+# The package itself, editable, with flashloss._C built against the installed torch (rebuilt
+# when csrc/ or setup.py change).
+$(VENV)/.flashloss-installed: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+pytest: install
+	$(PY) -m pytest tests -q
+
+# Standalone native build: C++ unit tests of csrc/core and csrc/cpu, and (when nvcc is found)
+# the csrc/cuda compile check for sm_80/sm_90a with the ptxas report in $(CMAKE_BUILD).
+ctest: $(VENV)/.deps
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CMAKE_BUILD)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+bench: demo
+
+bench-full: install
+	$(VENV)/bin/flashloss bench --full --out $(BENCH_OUT)
+
+# The same cases through pytest-benchmark (statistics, comparisons between saved runs).
+bench-pytest: install
+	$(PY) -m pytest bench -q --benchmark-only
+
+# Every GPU test and benchmark in one go (on a machine with a GPU).
+gpu:
+	bash bench/gpu_all.sh
+
+clean:
+	rm -rf build $(CMAKE_BUILD) python/flashloss/*.so *.egg-info python/*.egg-info

@@ -1,0 +1,13 @@
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_softmax_regression_example_learns():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "softmax_regression.py"),
+                          "--steps", "60", "--classes", "50"], capture_output=True, text=True, check=True)
+    last = res.stdout.strip().splitlines()[-1]
+    first, final = (float(v) for v in last.replace("loss fell from ", "").split(" to "))
+    assert final < 0.6 * first, res.stdout
