@@ -1,4 +1,5 @@
 """The primitives: one module each, one contract across backends (DESIGN.md §1)."""
+from .contrastive_lse import ContrastiveStats, contrastive_lse
 from .row_logsumexp import row_logsumexp
 
-__all__ = ["row_logsumexp"]
+__all__ = ["ContrastiveStats", "contrastive_lse", "row_logsumexp"]

@@ -1,5 +1,6 @@
 """Naive full-materialisation references: test oracles (run in float64) and benchmark baselines.
 Never a backend: they build every intermediate tensor whole, exactly as a plain PyTorch user would."""
+from .contrastive_lse import contrastive_lse
 from .row_logsumexp import row_logsumexp
 
-__all__ = ["row_logsumexp"]
+__all__ = ["contrastive_lse", "row_logsumexp"]

@@ -1,0 +1,191 @@
+"""Primitive A (flashloss.ops.contrastive_lse) on every backend against the dense float64
+reference: all outputs, all gradients (q, k, extra columns, scalar and per-row scale, bias), odd
+shapes crossing tile boundaries, every option an objective uses."""
+import importlib
+
+import pytest
+import torch
+
+import flashloss
+from flashloss import BackendUnavailableError, backend_available
+from flashloss.ops import contrastive_lse
+from flashloss.ref import contrastive_lse as ref_contrastive
+from helpers import check_against_reference
+
+ops_mod = importlib.import_module("flashloss.ops.contrastive_lse")
+BACKENDS = [b for b in ("torch", "cpu") if b in flashloss._backend.registered_ops()["contrastive_lse"].impls
+            and backend_available(b, "cpu")[0]]
+SOFTMAX_OUTS = ("row_lse", "col_lse", "pos_sum", "col_pos_sum")
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(ops_mod, "TILE", 16)  # shapes below cross several tiles
+
+
+def _labels(n, classes, gen):
+    return torch.randint(0, classes, (n,), generator=gen)
+
+
+CONFIGS = {
+    "targets": dict(positives="targets"),
+    "targets_ignored_rows": dict(positives="targets", ignore=True),
+    "labels": dict(positives="labels"),
+    "labels_exclude_self": dict(positives="labels", exclude_self=True, same=True),
+    "dcl_exclude_positives": dict(positives="labels", exclude_self=True, exclude_positives=True, same=True),
+    "margin": dict(positives="targets", margin=-0.35),
+    "extra_columns": dict(positives="targets", extra=True),
+    "per_row_scale": dict(positives="targets", row_scale=True),
+    "sigmoid": dict(positives="targets", mode="sigmoid"),
+    "no_positives": dict(positives=None),
+}
+
+
+def build(cfg, n, m, d, seed=0):
+    """Inputs (tensors first, for the checker) and a function of those tensors per config."""
+    gen = torch.Generator().manual_seed(seed)
+    same = cfg.get("same", False)
+    m = n if same else m
+    q = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    k = q.clone() if same else torch.randn(m, d, generator=gen, dtype=torch.float64)
+    scale = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5) if cfg.get("row_scale") else \
+        torch.tensor(2.5, dtype=torch.float64)
+    bias = torch.tensor(-0.7, dtype=torch.float64)
+    extra = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    kw = dict(exclude_self=cfg.get("exclude_self", False), exclude_positives=cfg.get("exclude_positives", False),
+              margin=cfg.get("margin", 0.0), mode=cfg.get("mode", "softmax"))
+    if cfg["positives"] == "targets":
+        t = torch.randint(0, m, (n,), generator=gen)
+        if cfg.get("ignore"):
+            t[::3] = -100
+        kw["targets"] = t
+    elif cfg["positives"] == "labels":
+        kw["labels_q"] = _labels(n, 3, gen)
+        kw["labels_k"] = kw["labels_q"].clone() if same else _labels(m, 3, gen)
+    outs = SOFTMAX_OUTS + (("row_sigmoid",) if kw["mode"] == "sigmoid" else ())
+    if cfg.get("positives") is None:
+        outs = ("row_lse", "col_lse")
+    use_extra = cfg.get("extra", False)
+
+    def make(fn):
+        def call(q, k, scale, bias, extra):
+            if same:
+                k = q  # one tensor: its gradient collects both roles
+            res = fn(q, k, scale, bias, extra if use_extra else None)
+            return tuple(res[o] if isinstance(res, dict) else getattr(res, o) for o in outs)
+        return call
+
+    return [q, k, scale, bias, extra], make, kw, outs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 4), (37, 50, 9), (33, 33, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_matches_reference(backend, config, shape, dtype):
+    cfg = CONFIGS[config]
+    inputs, make, kw, outs = build(cfg, *shape)
+    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
+    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    # the extra block is a no-grad queue here; its gradient path is tested separately
+    grad_inputs = [0, 1, 2, 3]
+    check_against_reference(fn, ref, inputs, dtype, grad_inputs=grad_inputs, naive=ref,
+                            name=f"{backend} {config} {shape}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_columns_with_gradient(backend):
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(20, 6, generator=gen, dtype=torch.float64), torch.randn(18, 6, generator=gen, dtype=torch.float64)
+    hard, queue = torch.randn(11, 6, generator=gen, dtype=torch.float64), torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 18, (20,), generator=gen)
+
+    def fn(q, k, hard):
+        r = contrastive_lse(q, k, 3.0, targets=t, extra_k=[queue.to(q.dtype), hard], outputs=SOFTMAX_OUTS,
+                            backend=backend)
+        return tuple(getattr(r, o) for o in SOFTMAX_OUTS)
+
+    def ref(q, k, hard):
+        r = ref_contrastive(q, k, 3.0, targets=t, extra_k=[queue, hard])
+        return tuple(r[o] for o in SOFTMAX_OUTS)
+
+    check_against_reference(fn, ref, [q, k, hard], torch.float32, name="extra columns with grad")
+    # MoCo: neither k (momentum encoder) nor the queue carries gradient; only q gets one
+    qq = q.clone().requires_grad_(True)
+    r = contrastive_lse(qq, k, 3.0, targets=t, extra_k=queue, backend=backend)
+    (r.row_lse - r.pos_sum).sum().backward()
+    q2 = q.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(3.0 * q2 @ torch.cat([k, queue]).T, t, reduction="sum").backward()
+    torch.testing.assert_close(qq.grad, q2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(11, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (9,), generator=gen)
+
+    def f(q, k, s, b):
+        r = contrastive_lse(q, k, s, b, targets=t, outputs=SOFTMAX_OUTS, backend=backend)
+        return r.row_lse, r.col_lse, r.pos_sum, r.col_pos_sum
+
+    assert torch.autograd.gradcheck(f, (q, k, s, b), eps=1e-6, atol=1e-8)
+
+    def g(q, k, s, b):
+        return contrastive_lse(q, k, s, b, targets=t, mode="sigmoid", outputs=("row_sigmoid",),
+                               backend=backend).row_sigmoid
+
+    assert torch.autograd.gradcheck(g, (q, k, s, b), eps=1e-6, atol=1e-8)
+
+
+def test_bias_gradient_of_a_softmax_loss_is_zero():
+    q, k = torch.randn(12, 5), torch.randn(12, 5)
+    b = torch.tensor(0.3, requires_grad=True)
+    r = contrastive_lse(q, k, 2.0, b, targets=torch.arange(12))
+    (r.row_lse - r.pos_sum).mean().backward()
+    assert b.grad is not None and abs(b.grad.item()) < 1e-6
+
+
+def test_compile_fullgraph():
+    q = torch.randn(10, 4, requires_grad=True)
+    k = torch.randn(10, 4, requires_grad=True)
+    t = torch.arange(10)
+
+    def loss(q, k):
+        r = contrastive_lse(q, k, 2.0, targets=t, outputs=("row_lse", "pos_sum"))
+        return (r.row_lse - r.pos_sum).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(q, k).backward()
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(2.0 * q @ k.T, t), q)[0]
+    torch.testing.assert_close(q.grad, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(k=torch.randn(5, 4)), ValueError, "same feature dimension"),
+        (dict(k=torch.randn(5, 3, dtype=torch.float64)), TypeError, "k must have dtype"),
+        (dict(targets=torch.tensor([0, 1, 9])), IndexError, r"targets must be in \[0, 5\)"),
+        (dict(targets=torch.tensor([0, 1])), ValueError, "targets must have shape"),
+        (dict(targets=torch.tensor([0.0, 1.0, 2.0])), TypeError, "targets must have dtype"),
+        (dict(labels_q=torch.tensor([0, 1, 1]), labels_k=torch.tensor([0, 1])), ValueError, "labels_k must have shape"),
+        (dict(labels_q=torch.tensor([0, 1, 1])), ValueError, "go together"),
+        (dict(scale=-1.0), ValueError, "scale must be > 0"),
+        (dict(scale=torch.ones(2)), ValueError, "scale must be"),
+        (dict(outputs=("row_lse", "nope")), ValueError, "outputs must be among"),
+        (dict(outputs=("row_sigmoid",)), ValueError, "needs mode='sigmoid'"),
+        (dict(exclude_positives=True), ValueError, "needs targets or labels"),
+        (dict(extra_k=torch.randn(2, 7)), ValueError, r"extra_k\[0\] must have feature dimension"),
+        (dict(backend="cuda"), BackendUnavailableError, "cuda"),
+    ],
+)
+def test_bad_input(kwargs, err, match):
+    args = dict(q=torch.randn(3, 3), k=torch.randn(5, 3))
+    args.update(kwargs)
+    q, k = args.pop("q"), args.pop("k")
+    with pytest.raises(err, match=match):
+        contrastive_lse(q, k, **args)
