@@ -37,7 +37,9 @@ $(VENV)/bin/python:
 # build on a CPU-only machine. Everything else comes through setup.py's extras.
 $(VENV)/.deps: $(VENV)/bin/python setup.py
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q ninja cmake numpy triton pytest pytest-benchmark hypothesis matplotlib
+	$(PY) -m pip install -q ninja cmake numpy triton pytest pytest-benchmark hypothesis matplotlib \
+		pytorch-metric-learning
+	$(PY) -m pip install -q --no-deps open_clip_torch  # the tests load only its loss module
 	touch $@
 
 # The package itself, editable, with flashloss._C built against the installed torch (rebuilt

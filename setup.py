@@ -104,7 +104,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "matplotlib"],
+        # anchors the tests compare numbers with (open_clip's loss module is loaded by path, so its
+        # heavy dependencies are not needed: install it with --no-deps, as the Makefile does)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "matplotlib",
+                 "pytorch-metric-learning"],
     },
     entry_points={"console_scripts": ["flashloss=flashloss.cli:main"]},
     zip_safe=False,

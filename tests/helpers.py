@@ -23,6 +23,7 @@ TOLERANCE = {
 # bf16/fp16 must also be within this of plain PyTorch's own error in the same dtype.
 LOW_PRECISION_SLACK = 1e-2
 
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -6,8 +6,28 @@ from . import _native
 _native.load(warn=True)  # warns once if flashloss._C is missing; the torch backend still serves
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
-from . import ops, ref  # noqa: E402
-from .ops import row_logsumexp  # noqa: E402
+from . import compat, contrastive, ops, ref  # noqa: E402
+from .compat import ClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
+from .contrastive import (  # noqa: E402
+    align_uniform_loss,
+    clip_loss,
+    dcl_loss,
+    debiased_contrastive_loss,
+    hard_negative_loss,
+    info_nce,
+    mnrl_loss,
+    moco_loss,
+    nt_xent,
+    siglip_loss,
+    soft_target_nce,
+    supcon_loss,
+)
+from .ops import contrastive_lse, row_logsumexp  # noqa: E402
 
-__all__ = ["__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "ops", "ref",
-           "row_logsumexp"]
+__all__ = [
+    "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive",
+    "ops", "ref", "contrastive_lse", "row_logsumexp",
+    "info_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
+    "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
+    "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
+]

@@ -1,0 +1,371 @@
+"""Contrastive objectives (OBJECTIVES.md §1), each a thin function on primitive A
+(flashloss.ops.contrastive_lse): the N x M similarity matrix is never stored.
+
+Conventions: `scale` multiplies similarities (scale = 1/temperature; functions that follow a
+library whose parameter is a temperature take `temperature`); inputs are raw features unless the
+loss says cosine, in which case they are L2-normalised inside the loss (eps 1e-8, part of the
+autograd graph). Every loss takes `reduction` ('mean' | 'sum' | 'none') and `backend`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ops.contrastive_lse import contrastive_lse, softplus
+
+EPS = 1e-8
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=EPS)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _reduce(per_item: torch.Tensor, reduction: str, valid: Optional[torch.Tensor] = None,
+            mean_divisor=None) -> torch.Tensor:
+    """'none': per item (invalid items 0); 'sum': sum of valid items; 'mean': that sum divided by
+    the number of valid items clamped to >= 1 (or by `mean_divisor` where the anchor says so)."""
+    _check_reduction(reduction)
+    if valid is not None:
+        per_item = torch.where(valid, per_item, torch.zeros_like(per_item))
+    if reduction == "none":
+        return per_item
+    total = per_item.sum()
+    if reduction == "sum":
+        return total
+    if mean_divisor is not None:
+        return total / mean_divisor
+    count = per_item.numel() if valid is None else int(valid.sum())
+    return total / max(count, 1)
+
+
+def _scale_arg(scale, temperature, default_temperature):
+    if scale is not None and temperature is not None:
+        raise ValueError("give scale or temperature, not both")
+    if temperature is not None:
+        if isinstance(temperature, torch.Tensor):
+            return 1.0 / temperature
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return 1.0 / temperature
+    return 1.0 / default_temperature if scale is None else scale
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(acc) * b.to(acc)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.1 InfoNCE, 1.5 MoCo queue, 1.6 MNRL, 1.12 margins
+
+
+def info_nce(q, k, targets=None, *, scale=None, temperature=None, bias=None, extra_k=None,
+             margin: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+    """One-direction InfoNCE, l_i = LSE_j S_ij - S_{i, y_i} with S = scale * q k^T + bias
+    (= F.cross_entropy(S, targets)). targets default to arange(N); -100 ignores a row.
+    `extra_k` adds negative-only columns (a MoCo queue: pass it without grad). `margin` is added
+    to the positive logit (pass -scale*m for an additive cosine margin). Default temperature 0.07."""
+    if targets is None:
+        if k.shape[0] < q.shape[0]:
+            raise ValueError(f"targets default to arange(N) and need M >= N; got N={q.shape[0]}, M={k.shape[0]}")
+        targets = torch.arange(q.shape[0], device=q.device)
+    s = _scale_arg(scale, temperature, 0.07)
+    r = contrastive_lse(q, k, s, bias, targets=targets, extra_k=extra_k, margin=margin,
+                        outputs=("row_lse", "pos_sum"), backend=backend)
+    return _reduce(r.row_lse - r.pos_sum, reduction, targets != -100)
+
+
+def moco_loss(q, k_pos, queue, *, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
+    """MoCo: logits [<q_i, k+_i>, <q_i, queue_m>] / T; l_i = LSE(all) - <q_i, k+_i>/T. k_pos and the
+    queue come from the momentum encoder (give them without grad: no dK work is done for them)."""
+    if k_pos.shape != q.shape:
+        raise ValueError(f"k_pos must have the shape of q {tuple(q.shape)}, got {tuple(k_pos.shape)}")
+    pos = _row_dot(q, k_pos) / temperature
+    r = contrastive_lse(q, queue, 1.0 / temperature, outputs=("row_lse",), backend=backend)
+    # LSE over {pos_i} U {queue logits}: merge the queue LSE with the single positive logit
+    lse = torch.logaddexp(r.row_lse, pos)
+    return _reduce(lse - pos, reduction)
+
+
+def mnrl_loss(anchors, positives, *negatives, scale: float = 20.0, reduction: str = "mean",
+              backend: str = "auto"):
+    """sentence-transformers MultipleNegativesRankingLoss: cosine similarities x scale between each
+    anchor and every candidate cat(positives, *hard negatives); the target of anchor i is candidate i."""
+    for i, n in enumerate(negatives):
+        if n.shape != positives.shape:
+            raise ValueError(f"negatives[{i}] must have the shape of positives {tuple(positives.shape)}, "
+                             f"got {tuple(n.shape)}")
+    cands = torch.cat([_normalize(positives)] + [_normalize(n) for n in negatives], dim=0)
+    return info_nce(_normalize(anchors), cands, scale=scale, reduction=reduction, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.2 CLIP, 1.10 SigLIP
+
+
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, reduction: str = "mean",
+              backend: str = "auto"):
+    """open_clip ClipLoss: S = logit_scale * img txt^T (+ logit_bias);
+    L = (CE(S, arange) + CE(S^T, arange)) / 2. `logit_scale` is the multiplicative scale (open_clip
+    passes logit_scale.exp()). 'none' gives the per-pair average of the two directions [N]."""
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image_features and text_features must have one shape, got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    n = image_features.shape[0]
+    r = contrastive_lse(image_features, text_features, logit_scale, logit_bias,
+                        targets=torch.arange(n, device=image_features.device),
+                        outputs=("row_lse", "col_lse", "pos_sum", "col_pos_sum"), backend=backend)
+    per_pair = 0.5 * ((r.row_lse - r.pos_sum) + (r.col_lse - r.col_pos_sum))
+    return _reduce(per_pair, reduction)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, negative_only: bool = False,
+                reduction: str = "mean", backend: str = "auto"):
+    """open_clip SigLipLoss: L = -(1/N) sum_ij log sigmoid(z_ij S_ij), z = +1 on the diagonal and -1
+    elsewhere (all -1 with negative_only). Normalised by N, not N^2, as open_clip. 'none' gives the
+    per-image sums over texts [N]; 'sum' the total."""
+    n = image_features.shape[0]
+    targets = None if negative_only else torch.arange(n, device=image_features.device)
+    if targets is not None and text_features.shape[0] < n:
+        raise ValueError("image_features and text_features must have as many rows unless negative_only")
+    r = contrastive_lse(image_features, text_features, logit_scale, logit_bias, targets=targets,
+                        outputs=("row_sigmoid",), mode="sigmoid", backend=backend)
+    return _reduce(r.row_sigmoid, reduction, mean_divisor=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.3 NT-Xent, 1.4 SupCon
+
+
+def _views(z1, z2):
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    n = z1.shape[0]
+    labels = torch.arange(n, device=z1.device).repeat(2)
+    return torch.cat([z1, z2], dim=0), labels
+
+
+def _check_labels(embeddings, labels):
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a [N={embeddings.shape[0]}] tensor, got {shape}")
+
+
+def nt_xent(z1, z2=None, *, labels=None, temperature: float = 0.07, reduction: str = "mean",
+            backend: str = "auto"):
+    """NT-Xent (SimCLR; PML NTXentLoss semantics). Two views: nt_xent(z1, z2), rows of
+    Z = normalize(cat(z1, z2)) with positive i +- N, l_i = LSE_{j != i} S_ij - S_{i,p(i)}, mean over 2N.
+    Label mode: nt_xent(embeddings, labels=labels): one term per ordered positive pair (a, p),
+    l_ap = -S_ap + log(e^{S_ap} + sum_{n: label_n != label_a} e^{S_an}) (other positives of a are not
+    in the denominator); 'mean' over pairs, 'none' gives the pair terms (anchor-major order)."""
+    if z2 is not None:
+        if labels is not None:
+            raise ValueError("give two views (z1, z2) or embeddings with labels, not both")
+        emb, labels = _views(z1, z2)
+    else:
+        if labels is None:
+            raise ValueError("nt_xent needs a second view z2 or labels")
+        emb = z1
+        _check_labels(emb, labels)
+    z = _normalize(emb)
+    # negatives only: LSE over columns with another label
+    r = contrastive_lse(z, z, 1.0 / temperature, labels_q=labels, labels_k=labels, exclude_self=True,
+                        exclude_positives=True, outputs=("row_lse",), backend=backend)
+    neg_lse = r.row_lse
+    terms = []
+    chunk = 1024
+    for a0 in range(0, z.shape[0], chunk):  # positive pairs, a chunk of anchors at a time
+        same = labels[a0:a0 + chunk, None] == labels[None, :]
+        same[torch.arange(same.shape[0]), torch.arange(a0, a0 + same.shape[0])] = False
+        a, p = same.nonzero(as_tuple=True)
+        a = a + a0
+        s_ap = _row_dot(z[a], z[p]) / temperature
+        terms.append(softplus(neg_lse[a] - s_ap))  # log(1 + sum_neg e^{S_an} / e^{S_ap})
+    per_pair = torch.cat(terms) if terms else z.new_zeros(0)
+    return _reduce(per_pair, reduction)
+
+
+def supcon_loss(embeddings, labels, *, temperature: float = 0.1, no_positive: str = "exclude",
+                base_temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
+    """Supervised contrastive loss L_out: S = normalize(e) normalize(e)^T / T,
+    l_i = LSE_{a != i} S_ia - mean_{p in P(i)} S_ip. Rows without positives: 'exclude' (PML,
+    default T = 0.1) drops them from the mean; 'zero' (HobbitLong/SupContrast, T = 0.07) keeps them
+    with loss 0 and multiplies every l_i by T / base_temperature."""
+    if no_positive not in ("exclude", "zero"):
+        raise ValueError(f"no_positive must be 'exclude' or 'zero', got {no_positive!r}")
+    _check_labels(embeddings, labels)
+    z = _normalize(embeddings)
+    r = contrastive_lse(z, z, 1.0 / temperature, labels_q=labels, labels_k=labels, exclude_self=True,
+                        outputs=("row_lse", "pos_sum", "pos_count"), backend=backend)
+    has_pos = r.pos_count > 0
+    per_row = r.row_lse - r.pos_sum / r.pos_count.clamp_min(1)
+    if no_positive == "zero":
+        per_row = per_row * (temperature / base_temperature)
+        per_row = torch.where(has_pos, per_row, torch.zeros_like(per_row))
+        return _reduce(per_row, reduction)
+    return _reduce(per_row, reduction, has_pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.7 DCL / DCLW, 1.8 debiased and hard-negative contrastive
+
+
+def dcl_loss(z1, z2, *, temperature: float = 0.1, weight_sigma: Optional[float] = None,
+             symmetric: bool = True, negatives: str = "joint", detach_weight: bool = False,
+             reduction: str = "mean", backend: str = "auto"):
+    """Decoupled contrastive learning: the positive is not in the denominator.
+    l_i = -w_i <a_i, b_i>/T + LSE over {<a_i, a_j>/T, <a_i, b_j>/T : j != i}; L = average of both
+    directions (symmetric=True, lightly) or the z1 -> z2 direction (raminnakhli). DCLW:
+    weight_sigma=0.5 gives w = 2 - N softmax_i(<a_i, b_i>/sigma) (detach_weight=True as lightly).
+    negatives='split' sums two LSEs, one per view block (lightly)."""
+    if negatives not in ("joint", "split"):
+        raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    a_all, b_all = _normalize(z1), _normalize(z2)
+    n = z1.shape[0]
+    idx = torch.arange(n, device=z1.device)
+
+    def one_direction(a, b):
+        pos = _row_dot(a, b)
+        if negatives == "joint":
+            r = contrastive_lse(a, torch.cat([a, b]), 1.0 / temperature, labels_q=idx,
+                                labels_k=torch.cat([idx, idx]), exclude_positives=True,
+                                outputs=("row_lse",), backend=backend)
+            neg = r.row_lse
+        else:
+            r1 = contrastive_lse(a, a, 1.0 / temperature, exclude_self=True, outputs=("row_lse",), backend=backend)
+            r2 = contrastive_lse(a, b, 1.0 / temperature, targets=idx, exclude_positives=True,
+                                 outputs=("row_lse",), backend=backend)
+            neg = r1.row_lse + r2.row_lse
+        w = 1.0
+        if weight_sigma is not None:
+            w = 2.0 - n * torch.softmax(pos / weight_sigma, dim=0)
+            if detach_weight:
+                w = w.detach()
+        return -w * pos / temperature + neg
+
+    per_row = one_direction(a_all, b_all)
+    if symmetric:
+        per_row = 0.5 * (per_row + one_direction(b_all, a_all))
+    return _reduce(per_row, reduction)
+
+
+def _debiased(z1, z2, temperature, tau_plus, beta, reduction, backend):
+    if not 0 <= tau_plus < 1:
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
+    emb, labels = _views(z1, z2)
+    z = _normalize(emb)
+    n2 = z.shape[0]
+    n_neg = n2 - 2
+    if n_neg < 1:
+        raise ValueError("debiased / hard-negative losses need a batch of at least 2 pairs")
+    partner = torch.cat([torch.arange(n2 // 2, n2), torch.arange(0, n2 // 2)]).to(z.device)
+    pos = _row_dot(z, z[partner]) / temperature
+    kw = dict(labels_q=labels, labels_k=labels, exclude_self=True, exclude_positives=True,
+              outputs=("row_lse",), backend=backend)
+    if beta is None:  # log sum_j e_j over the 2N - 2 negatives
+        log_neg = contrastive_lse(z, z, 1.0 / temperature, **kw).row_lse
+    else:  # log( N_neg sum e^{(1+beta)s} / sum e^{beta s} ), importance weights not detached
+        hi = contrastive_lse(z, z, (1.0 + beta) / temperature, **kw).row_lse
+        lo = contrastive_lse(z, z, beta / temperature, **kw).row_lse
+        log_neg = math.log(n_neg) + hi - lo
+    # Ng = max((sum_neg - tau+ N_neg e^pos) / (1 - tau+), N_neg e^{-1/t}), in log space
+    m = torch.maximum(log_neg, pos)
+    num = torch.exp(log_neg - m) - tau_plus * n_neg * torch.exp(pos - m)
+    log_ng = torch.where(num > 0, m + torch.log(num.clamp_min(1e-38) / (1 - tau_plus)),
+                         torch.full_like(m, float("-inf")))
+    log_ng = torch.clamp_min(log_ng, math.log(n_neg) - 1.0 / temperature)
+    return _reduce(softplus(log_ng - pos), reduction)
+
+
+def debiased_contrastive_loss(z1, z2, *, temperature: float = 0.5, tau_plus: float = 0.1,
+                              reduction: str = "mean", backend: str = "auto"):
+    """Debiased contrastive loss (chingyaoc/DCL) over 2N views: l_i = -log(pos / (pos + Ng)),
+    Ng = max((sum_neg e - tau+ N_neg pos) / (1 - tau+), N_neg e^{-1/t}). The clamp assumes unit vectors."""
+    return _debiased(z1, z2, temperature, tau_plus, None, reduction, backend)
+
+
+def hard_negative_loss(z1, z2, *, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 1.0,
+                       reduction: str = "mean", backend: str = "auto"):
+    """Hard-negative contrastive loss (joshr17/HCL): the debiased loss with sum_neg e replaced by
+    N_neg sum e^{1+beta} / sum e^{beta} (two row LSEs at scales (1+beta)/t and beta/t)."""
+    return _debiased(z1, z2, temperature, tau_plus, beta, reduction, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.9 alignment and uniformity, 1.11 soft targets
+
+
+def uniformity(x, *, t: float = 2.0, backend: str = "auto"):
+    """log mean_{i != j} exp(-t ||x_i - x_j||^2) without the N x N distance matrix: the squared
+    distance is folded into an inner product of augmented vectors,
+    -t||x_i - x_j||^2 = 2t <[x_i, |x_i|^2, 1], [x_j, -1/2, -|x_j|^2/2]>."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("uniformity needs at least 2 rows")
+    sq = (x * x).sum(-1, keepdim=True)
+    ones = torch.ones_like(sq)
+    qa = torch.cat([x, sq, ones], dim=1)
+    ka = torch.cat([x, -0.5 * ones, -0.5 * sq], dim=1)
+    r = contrastive_lse(qa, ka, 2.0 * t, exclude_self=True, outputs=("row_lse",), backend=backend)
+    return torch.logsumexp(r.row_lse, dim=0) - math.log(n * (n - 1))
+
+
+def align_uniform_loss(x, y, *, alpha: float = 2.0, t: float = 2.0, lam: float = 1.0,
+                       reduction: str = "mean", backend: str = "auto"):
+    """Wang & Isola: L = mean ||x_i - y_i||^alpha + lam * (L_unif(x) + L_unif(y)) / 2.
+    A batch-level statistic: only reduction='mean' is defined (uniformity has no per-item form)."""
+    if reduction != "mean":
+        raise ValueError("align_uniform_loss supports reduction='mean' only: uniformity is a batch statistic")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    align = (x - y).norm(dim=1).pow(alpha).mean()
+    return align + lam * 0.5 * (uniformity(x, t=t, backend=backend) + uniformity(y, t=t, backend=backend))
+
+
+def soft_target_nce(q, k, *, target_weights=None, target_embeddings=None, scale=None, temperature=None,
+                    symmetric: bool = False, reduction: str = "mean", backend: str = "auto"):
+    """InfoNCE against soft targets T_ij = W_ij / sum_j W_ij: l_i = LSE_j S_ij - sum_j T_ij S_ij.
+    Either `target_weights` W [N, M] (nonnegative) or `target_embeddings` U [N, D'] (CWCL: W_ij =
+    (1 + <u_i, u_j>)/2 with u normalised, no gradient; N = M). sum_j W_ij S_ij is formed as
+    scale_i <q_i, (W K)_i>, so nothing N x M is built beyond a given W. Rows with sum_j W_ij = 0 are
+    invalid. symmetric=True averages with the column direction (scalar scale only)."""
+    s = _scale_arg(scale, temperature, 0.07)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if (target_weights is None) == (target_embeddings is None):
+        raise ValueError("give exactly one of target_weights or target_embeddings")
+    qa, ka = q.to(acc), k.to(acc)
+    if target_weights is not None:
+        w = target_weights.to(acc).detach()
+        if w.shape != (q.shape[0], k.shape[0]):
+            raise ValueError(f"target_weights must have shape [N, M] = {(q.shape[0], k.shape[0])}, got {tuple(w.shape)}")
+        wk, wsum_row = w @ ka, w.sum(1)
+        wq, wsum_col = w.T @ qa, w.sum(0)
+    else:
+        u = _normalize(target_embeddings.to(acc).detach())
+        if u.shape[0] != q.shape[0] or q.shape[0] != k.shape[0]:
+            raise ValueError("target_embeddings needs N = M rows, one per pair")
+        usum = u.sum(0)
+        wk = 0.5 * (ka.sum(0, keepdim=True) + u @ (u.T @ ka))
+        wq = 0.5 * (qa.sum(0, keepdim=True) + u @ (u.T @ qa))
+        wsum_row = wsum_col = 0.5 * (u.shape[0] + u @ usum)
+    r = contrastive_lse(q, k, s, outputs=("row_lse", "col_lse") if symmetric else ("row_lse",), backend=backend)
+    s_rows = s if not isinstance(s, torch.Tensor) or s.dim() == 0 else s.to(acc)
+    valid = wsum_row > 0
+    per_row = r.row_lse - s_rows * (qa * wk).sum(1) / wsum_row.clamp_min(1e-30)
+    if not symmetric:
+        return _reduce(per_row, reduction, valid)
+    if isinstance(s, torch.Tensor) and s.dim() == 1:
+        raise ValueError("symmetric soft_target_nce needs a scalar scale")
+    per_col = r.col_lse - s * (ka * wq).sum(1) / wsum_col.clamp_min(1e-30)
+    valid_c = wsum_col > 0
+    return 0.5 * (_reduce(per_row, reduction, valid) + _reduce(per_col, reduction, valid_c))
