@@ -8,6 +8,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cpu/contrastive_lse.h"
 #include "cpu/row_logsumexp.h"
 #ifdef FLASHLOSS_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -101,6 +107,209 @@ void row_logsumexp_backward_cuda(const at::Tensor& x, const at::Tensor& lse,
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Primitive A on the CPU: row blocks, one GEMM per block for the similarity tile, epilogues in
+// csrc/cpu/contrastive_lse.cpp. Inputs in bf16/fp16 are upcast once (O((N+M)D)); fp64 stays fp64.
+
+constexpr int64_t kTileElements = int64_t(1) << 22;  // 16 MB of fp32 per similarity tile
+
+int64_t block_rows(int64_t m_all, int64_t requested) {
+  if (requested > 0) return requested;  // tests force small blocks to cross block boundaries
+  int64_t rows = kTileElements / std::max<int64_t>(m_all, 1);
+  return std::max<int64_t>(8, std::min<int64_t>(256, rows));
+}
+
+struct Prepared {
+  at::Tensor q, k, scale, targets, valid, labels_q, labels_k;
+};
+
+// Dense int32 label ids (labels may be any int64 values); extra columns get -1 (never positive).
+Prepared prepare(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
+                 const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+                 const std::optional<at::Tensor>& labels_k, int64_t m_main) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Prepared p;
+  p.q = q.to(acc).contiguous();
+  p.k = k_all.to(acc).contiguous();
+  p.scale = scale.to(acc).contiguous();
+  const int64_t n = q.size(0), m_all = k_all.size(0);
+  auto i32 = q.options().dtype(at::kInt);
+  if (targets.has_value()) {
+    const auto& t = *targets;
+    p.targets = at::where(t == -100, at::full_like(t, -1), t).to(at::kInt).contiguous();
+    p.valid = (t != -100).to(at::kByte).contiguous();
+  } else {
+    p.valid = at::ones({n}, q.options().dtype(at::kByte));
+  }
+  if (labels_q.has_value()) {
+    auto all = at::cat({*labels_q, *labels_k});
+    auto inverse = std::get<1>(at::_unique(all, /*sorted=*/true, /*return_inverse=*/true)).to(at::kInt);
+    p.labels_q = inverse.narrow(0, 0, n).contiguous();
+    p.labels_k = at::full({m_all + 8}, -1, i32);
+    p.labels_k.narrow(0, 0, m_main).copy_(inverse.narrow(0, n, m_main));
+  }
+  return p;
+}
+
+template <typename T>
+flashloss::cpu::ContrastiveProblem<T> problem(const Prepared& pr, const std::optional<at::Tensor>& bias,
+                                              int64_t m_main, bool exclude_self, bool exclude_positives,
+                                              double margin, bool sigmoid) {
+  flashloss::cpu::ContrastiveProblem<T> p;
+  p.n = pr.q.size(0);
+  p.m_all = pr.k.size(0);
+  p.m_main = m_main;
+  p.scale = pr.scale.data_ptr<T>();
+  p.bias = bias.has_value() ? static_cast<T>(bias->item<double>()) : T(0);
+  p.margin = static_cast<T>(margin);
+  p.targets = pr.targets.defined() ? pr.targets.data_ptr<int32_t>() : nullptr;
+  p.valid = pr.valid.data_ptr<uint8_t>();
+  p.labels_q = pr.labels_q.defined() ? pr.labels_q.data_ptr<int32_t>() : nullptr;
+  p.labels_k = pr.labels_k.defined() ? pr.labels_k.data_ptr<int32_t>() : nullptr;
+  p.exclude_self = exclude_self;
+  p.exclude_positives = exclude_positives;
+  p.sigmoid = sigmoid;
+  return p;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+void check_out(const at::Tensor& t, int64_t size, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.numel() == 0 || (t.dim() == 1 && t.size(0) == size && t.is_contiguous() && t.scalar_type() == dt),
+              "flashloss: output ", name, " must be a contiguous [", size, "] ", dt, " tensor or empty");
+}
+
+template <typename T>
+void contrastive_forward_impl(const Prepared& pr, const flashloss::cpu::ContrastiveProblem<T>& p,
+                              const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& pos_sum,
+                              const at::Tensor& pos_count, const at::Tensor& col_pos_sum,
+                              const at::Tensor& row_sigmoid, int64_t requested_rows) {
+  const int64_t n = p.n, m_all = p.m_all;
+  const bool want_col = col_lse.numel() > 0;
+  at::Tensor col_m, col_s;
+  if (want_col) {
+    col_m = at::full({p.m_main}, -std::numeric_limits<double>::infinity(), pr.q.options());
+    col_s = at::zeros({p.m_main}, pr.q.options());
+  }
+  if (col_pos_sum.numel() > 0) col_pos_sum.zero_();
+  const int64_t br = block_rows(m_all, requested_rows);
+  auto tile = at::empty({std::min(br, std::max<int64_t>(n, 1)), m_all}, pr.q.options());
+  const auto kt = pr.k.t();
+  for (int64_t r0 = 0; r0 < n; r0 += br) {
+    const int64_t rows = std::min(br, n - r0);
+    auto t = tile.narrow(0, 0, rows);
+    at::mm_out(t, pr.q.narrow(0, r0, rows), kt);
+    flashloss::cpu::contrastive_forward_tile<T>(p, r0, rows, t.data_ptr<T>(), ptr_or_null<T>(row_lse),
+                                                ptr_or_null<T>(pos_sum), ptr_or_null<T>(pos_count),
+                                                ptr_or_null<T>(row_sigmoid), ptr_or_null<T>(col_m),
+                                                ptr_or_null<T>(col_s), ptr_or_null<T>(col_pos_sum));
+  }
+  if (want_col) {
+    auto shift = at::where(at::isinf(col_m), at::zeros_like(col_m), col_m);
+    col_lse.copy_(shift + at::log(col_s));
+  }
+}
+
+void contrastive_lse_forward_cpu(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& targets,
+                                 const std::optional<at::Tensor>& labels_q,
+                                 const std::optional<at::Tensor>& labels_k, int64_t m_main, bool exclude_self,
+                                 bool exclude_positives, double margin, bool sigmoid, int64_t want,
+                                 const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& pos_sum,
+                                 const at::Tensor& pos_count, const at::Tensor& col_pos_sum,
+                                 const at::Tensor& row_sigmoid, int64_t block) {
+  (void)want;  // which outputs: given by which out tensors are non-empty
+  TORCH_CHECK(q.dim() == 2 && k_all.dim() == 2 && q.size(1) == k_all.size(1), "flashloss: q [N,D], k [M,D]");
+  TORCH_CHECK(m_main >= 0 && m_main <= k_all.size(0), "flashloss: m_main out of range");
+  const auto pr = prepare(q, k_all, scale, targets, labels_q, labels_k, m_main);
+  const auto acc = pr.q.scalar_type();
+  const int64_t n = q.size(0);
+  check_out(row_lse, n, acc, "row_lse");
+  check_out(col_lse, m_main, acc, "col_lse");
+  check_out(pos_sum, n, acc, "pos_sum");
+  check_out(pos_count, n, acc, "pos_count");
+  check_out(col_pos_sum, m_main, acc, "col_pos_sum");
+  check_out(row_sigmoid, n, acc, "row_sigmoid");
+  if (acc == at::kDouble)
+    contrastive_forward_impl<double>(pr, problem<double>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid),
+                                     row_lse, col_lse, pos_sum, pos_count, col_pos_sum, row_sigmoid, block);
+  else
+    contrastive_forward_impl<float>(pr, problem<float>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid),
+                                    row_lse, col_lse, pos_sum, pos_count, col_pos_sum, row_sigmoid, block);
+}
+
+// Column vectors padded to m_all (+8 for the vector loads): gradient 0, LSE +inf beyond m_main.
+at::Tensor pad_columns(const at::Tensor& v, int64_t m_all, double fill) {
+  auto out = at::full({m_all + 8}, fill, v.options());
+  out.narrow(0, 0, v.size(0)).copy_(v);
+  return out;
+}
+
+template <typename T>
+std::vector<at::Tensor> contrastive_backward_impl(const Prepared& pr, const flashloss::cpu::ContrastiveProblem<T>& p,
+                                                  const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                  const at::Tensor& g_row, const at::Tensor& g_col,
+                                                  const at::Tensor& g_pos, const at::Tensor& g_colpos,
+                                                  const at::Tensor& g_sig, int64_t grad_cols,
+                                                  const std::vector<bool>& needs, int64_t requested_rows) {
+  const int64_t n = p.n, m_all = p.m_all, d = pr.q.size(1);
+  const auto opts = pr.q.options();
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor col_lse_p, g_col_p, g_colpos_p;
+  if (col_lse.numel() > 0) {
+    col_lse_p = pad_columns(at::where(col_lse == -inf, at::full_like(col_lse, inf), col_lse), m_all, inf);
+    g_col_p = pad_columns(g_col, m_all, 0.0);
+  }
+  if (g_colpos.numel() > 0) g_colpos_p = pad_columns(g_colpos, m_all, 0.0);
+  auto dq = at::zeros({n, d}, opts);
+  auto dk = at::zeros({grad_cols, d}, opts);
+  auto dscale = at::zeros({n}, opts);
+  double dbias = 0;
+  const int64_t br = block_rows(m_all, requested_rows);
+  auto tile = at::empty({std::min(br, std::max<int64_t>(n, 1)), m_all}, opts);
+  const auto kt = pr.k.t();
+  for (int64_t r0 = 0; r0 < n; r0 += br) {
+    const int64_t rows = std::min(br, n - r0);
+    auto t = tile.narrow(0, 0, rows);
+    const auto q_blk = pr.q.narrow(0, r0, rows);
+    at::mm_out(t, q_blk, kt);
+    dbias += flashloss::cpu::contrastive_backward_tile<T>(
+        p, r0, rows, t.data_ptr<T>(), ptr_or_null<T>(row_lse), ptr_or_null<T>(col_lse_p), ptr_or_null<T>(g_row),
+        ptr_or_null<T>(g_col_p), ptr_or_null<T>(g_pos), ptr_or_null<T>(g_colpos_p), ptr_or_null<T>(g_sig),
+        dscale.data_ptr<T>());
+    if (needs[0]) {
+      auto dq_blk = dq.narrow(0, r0, rows);
+      at::mm_out(dq_blk, t, pr.k);
+    }
+    if (needs[1] && grad_cols > 0) dk.addmm_(t.narrow(1, 0, grad_cols).t(), q_blk);
+  }
+  return {dq, dk, dscale, at::scalar_tensor(dbias, opts)};
+}
+
+std::vector<at::Tensor> contrastive_lse_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+    const std::optional<at::Tensor>& labels_k, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& g_pos, const at::Tensor& g_colpos,
+    const at::Tensor& g_sig, int64_t m_main, int64_t grad_cols, bool exclude_self, bool exclude_positives,
+    double margin, bool sigmoid, int64_t want, int64_t needs_bits, int64_t block) {
+  (void)want;
+  // which gradients are wanted: bit 0 dq, 1 dk, 2 dscale, 3 dbias
+  const std::vector<bool> needs = {bool(needs_bits & 1), bool(needs_bits & 2), bool(needs_bits & 4),
+                                   bool(needs_bits & 8)};
+  const auto pr = prepare(q, k_all, scale, targets, labels_q, labels_k, m_main);
+  if (pr.q.scalar_type() == at::kDouble)
+    return contrastive_backward_impl<double>(
+        pr, problem<double>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid), row_lse, col_lse,
+        g_row, g_col, g_pos, g_colpos, g_sig, grad_cols, needs, block);
+  return contrastive_backward_impl<float>(
+      pr, problem<float>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid), row_lse, col_lse,
+      g_row, g_col, g_pos, g_colpos, g_sig, grad_cols, needs, block);
+}
+
 bool compiled_with_cuda() {
 #ifdef FLASHLOSS_WITH_CUDA
   return true;
@@ -115,11 +324,21 @@ TORCH_LIBRARY(flashloss_C, m) {
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   m.def("row_logsumexp_forward(Tensor x, Tensor(a!) lse) -> ()");
   m.def("row_logsumexp_backward(Tensor x, Tensor lse, Tensor grad, Tensor(a!) dx) -> ()");
+  m.def("contrastive_lse_forward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? targets, "
+        "Tensor? labels_q, Tensor? labels_k, int m_main, bool exclude_self, bool exclude_positives, "
+        "float margin, bool sigmoid, int want, Tensor(a!) row_lse, Tensor(b!) col_lse, Tensor(c!) pos_sum, "
+        "Tensor(d!) pos_count, Tensor(e!) col_pos_sum, Tensor(f!) row_sigmoid, int block_rows) -> ()");
+  m.def("contrastive_lse_backward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? targets, "
+        "Tensor? labels_q, Tensor? labels_k, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
+        "Tensor g_pos, Tensor g_colpos, Tensor g_sig, int m_main, int grad_cols, bool exclude_self, "
+        "bool exclude_positives, float margin, bool sigmoid, int want, int needs, int block_rows) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
   m.impl("row_logsumexp_forward", &row_logsumexp_forward_cpu);
   m.impl("row_logsumexp_backward", &row_logsumexp_backward_cpu);
+  m.impl("contrastive_lse_forward", &contrastive_lse_forward_cpu);
+  m.impl("contrastive_lse_backward", &contrastive_lse_backward_cpu);
 }
 
 #ifdef FLASHLOSS_WITH_CUDA

@@ -61,7 +61,8 @@ class Spec(NamedTuple):
     want: int  # bit mask over OUTPUTS
 
 
-# Tile edge of the torch backend (rows and columns). Tests shrink it to cross tile boundaries.
+# Tile edge of the torch backend (rows and columns) and row block of the cpu backend (None: chosen
+# from the problem size). Tests shrink it to cross tile and block boundaries.
 TILE: int | None = None
 
 
@@ -229,9 +230,15 @@ def _torch_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels
 
 
 def _native_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k):
-    return tuple(_native.ops().contrastive_lse_forward(
+    acc = acc_dtype(q.dtype)
+    n = q.shape[0]
+    sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
+             "row_sigmoid": n}
+    outs = [empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS]
+    _native.ops().contrastive_lse_forward(
         q, k_all, scale, bias, targets, labels_q, labels_k, spec.m_main, spec.exclude_self,
-        spec.exclude_positives, spec.margin, spec.sigmoid, spec.want))
+        spec.exclude_positives, spec.margin, spec.sigmoid, spec.want, *outs, TILE or 0)
+    return tuple(outs)
 
 
 def _native_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse,
@@ -239,7 +246,7 @@ def _native_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, label
     outs = _native.ops().contrastive_lse_backward(
         q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
         g_colpos, g_sig, spec.m_main, spec.grad_cols, spec.exclude_self, spec.exclude_positives,
-        spec.margin, spec.sigmoid, spec.want, list(needs))
+        spec.margin, spec.sigmoid, spec.want, sum(1 << i for i, need in enumerate(needs) if need), TILE or 0)
     return tuple(o if need else None for o, need in zip(outs, needs))
 
 
