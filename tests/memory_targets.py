@@ -37,3 +37,24 @@ def row_logsumexp_fwd_bwd(n: int, v: int, backend: str):
         return gx
 
     return run
+
+
+def clip_fwd_bwd(n: int, backend: str, d: int = 64):
+    import torch.nn.functional as F
+
+    import flashloss
+
+    img = F.normalize(torch.randn(n, d), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(n, d), dim=-1).requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+
+    def run():
+        if backend == "naive":
+            logits = scale * img @ txt.T
+            labels = torch.arange(n)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        else:
+            loss = flashloss.clip_loss(img, txt, scale, backend=backend)
+        return torch.autograd.grad(loss, (img, txt, scale))
+
+    return run

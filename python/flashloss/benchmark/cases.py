@@ -2,6 +2,8 @@
 reference, every flashloss backend and the installed peer libraries as implementations."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _backend
@@ -87,3 +89,171 @@ register_case(BenchCase(
     ],
 ))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# clip_loss: symmetric CLIP loss, forward + backward (gradients to both towers and logit_scale)
+
+
+def _clip_inputs(size: Size, device: str, dtype: torch.dtype):
+    gen = _seed(size)
+    n, d = size["N"], size["D"]
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
+    scale = torch.tensor(14.0, device=device)
+    return img.requires_grad_(True), txt.requires_grad_(True), scale.requires_grad_(True)
+
+
+def _clip_setup(make_fn):
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        img, txt, scale = _clip_inputs(size, device, dtype)
+        fn = make_fn()
+
+        def run():
+            return torch.autograd.grad(fn(img, txt, scale), (img, txt, scale))
+
+        return run
+
+    return setup
+
+
+def _clip_naive():
+    def fn(img, txt, scale):  # what open_clip and most training code write
+        logits = scale * img @ txt.T
+        labels = torch.arange(img.shape[0], device=img.device)
+        return (torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+    return fn
+
+
+def _open_clip_module():
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    mod_spec = importlib.util.spec_from_file_location("open_clip_loss_bench", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _installed(module: str, hint: str):
+    def check(device: str) -> tuple[bool, str]:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            return False, f"{hint} is not installed"
+        return True, ""
+
+    return check
+
+
+def _clip_open_clip():
+    loss = _open_clip_module().ClipLoss()
+    return lambda img, txt, scale: loss(img, txt, scale)
+
+
+def _clip_flashloss(backend: str):
+    def make():
+        from ..contrastive import clip_loss
+
+        return lambda img, txt, scale: clip_loss(img, txt, scale, backend=backend)
+
+    return make
+
+
+def _square_bytes(factor: float):
+    # the dense losses hold ~factor N x N fp32 matrices at their peak
+    return lambda size, device, dtype: factor * size["N"] ** 2 * 4
+
+
+register_case(BenchCase(
+    name="clip_loss",
+    description="symmetric CLIP loss (open_clip ClipLoss), forward + backward, D=256",
+    sizes_quick=[{"N": n, "D": 256} for n in (2048, 4096, 8192)],
+    sizes_full=[{"N": n, "D": 256} for n in (4096, 8192, 16384, 32768)],
+    flops=lambda s: 8.0 * s["N"] * s["N"] * s["D"],  # 2NMD forward + 4NMD backward + 2NMD recompute
+    min_bytes=lambda s, dt: 4.0 * s["N"] * s["D"] * torch.finfo(dt).bits / 8,  # read q, k; write dq, dk
+    x_key="N",
+    warmup_size={"N": 64, "D": 256},
+    impls=[
+        Impl("naive", "naive", _clip_setup(_clip_naive), estimate_bytes=_square_bytes(5)),
+        Impl("open_clip", "peer", _clip_setup(_clip_open_clip), _installed("open_clip", "open_clip_torch"),
+             estimate_bytes=_square_bytes(5)),
+        Impl("inf_cl", "peer", _clip_setup(lambda: None), _installed("inf_cl", "Inf-CL (inf_cl, CUDA only)")),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _clip_setup(_clip_flashloss(b)), flashloss_available(b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# nt_xent: SimCLR loss over 2N views (pytorch-metric-learning NTXentLoss), forward + backward
+
+
+def _ntxent_setup(make_fn):
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        gen = _seed(size)
+        emb = torch.randn(2 * size["N"], size["D"], generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        labels = torch.arange(size["N"], device=device).repeat(2)
+        fn = make_fn()
+
+        def run():
+            return torch.autograd.grad(fn(emb, labels), emb)
+
+        return run
+
+    return setup
+
+
+def _ntxent_naive():
+    def fn(emb, labels, t=0.07):
+        z = torch.nn.functional.normalize(emb, dim=-1)
+        s = (z @ z.T / t).fill_diagonal_(float("-inf"))
+        n = emb.shape[0] // 2
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(emb.device)
+        return torch.nn.functional.cross_entropy(s, partner)
+
+    return fn
+
+
+def _ntxent_pml():
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    loss = NTXentLoss(temperature=0.07)
+    return lambda emb, labels: loss(emb, labels)
+
+
+def _ntxent_flashloss(backend: str):
+    def make():
+        from ..contrastive import nt_xent
+
+        return lambda emb, labels: nt_xent(emb, labels=labels, temperature=0.07, backend=backend)
+
+    return make
+
+
+register_case(BenchCase(
+    name="nt_xent",
+    description="NT-Xent / SimCLR over 2N views (PML NTXentLoss semantics), forward + backward, D=128",
+    sizes_quick=[{"N": n, "D": 128} for n in (256, 1024, 2048)],
+    sizes_full=[{"N": n, "D": 128} for n in (256, 512, 1024, 2048, 4096, 8192)],
+    flops=lambda s: 8.0 * (2 * s["N"]) ** 2 * s["D"],
+    min_bytes=lambda s, dt: 2.0 * 2 * s["N"] * s["D"] * torch.finfo(dt).bits / 8,
+    x_key="N",
+    warmup_size={"N": 32, "D": 128},
+    impls=[
+        Impl("naive", "naive", _ntxent_setup(_ntxent_naive), estimate_bytes=lambda s, d, t: 5 * (2 * s["N"]) ** 2 * 4),
+        Impl("pytorch-metric-learning", "peer", _ntxent_setup(_ntxent_pml),
+             _installed("pytorch_metric_learning", "pytorch-metric-learning"),
+             # PML builds a [positive pairs, negative pairs] matrix: O(N^3)
+             estimate_bytes=lambda s, d, t: 2 * (2 * s["N"]) ** 3 * 4),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _ntxent_setup(_ntxent_flashloss(b)), flashloss_available(b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+))

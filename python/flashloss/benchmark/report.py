@@ -102,7 +102,9 @@ def run_case(case: BenchCase, device: str, quick: bool, ceiling: dict[str, Any],
                 t = time_callable(run, device, warmup=1, repeats=3 if quick else 5,
                                   max_seconds=8 if quick else 30)
                 del run
-            except (torch.OutOfMemoryError, MemoryError) as exc:
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(exc):
+                    raise
                 row.update(status="oom", reason=str(exc)[:200])
                 rows.append(row)
                 continue

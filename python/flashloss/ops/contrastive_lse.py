@@ -347,10 +347,12 @@ def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
     dq, dk, dscale, dbias = _backward_op(q, k_all, scale, bias, targets, labels_q, labels_k, row_lse,
                                          col_lse, *grads, m_main, grad_cols, exclude_self,
                                          exclude_positives, margin, sigmoid, want, needs, ctx.backend)
-    if needs[1]:
+    if needs[1] and grad_cols < k_all.shape[0]:  # columns without gradient get zeros
         full = q.new_zeros(k_all.shape, dtype=acc)
         full[:grad_cols] = dk
-        dk = full.to(k_all.dtype)
+        dk = full
+    if needs[1]:
+        dk = dk.to(k_all.dtype)
     return (dq.to(q.dtype) if needs[0] else None, dk if needs[1] else None,
             dscale.to(scale.dtype) if needs[2] else None, dbias.to(bias.dtype) if needs[3] else None,
             None, None, None, None, None, None, None, None, None, None, None)
