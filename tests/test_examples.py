@@ -11,3 +11,11 @@ def test_softmax_regression_example_learns():
     last = res.stdout.strip().splitlines()[-1]
     first, final = (float(v) for v in last.replace("loss fell from ", "").split(" to "))
     assert final < 0.6 * first, res.stdout
+
+
+def test_clip_large_batch_example_learns():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "clip_large_batch.py"),
+                          "--batch", "512", "--steps", "12"], capture_output=True, text=True, check=True)
+    last = res.stdout.strip().splitlines()[-1]
+    first, final = (float(v) for v in last.split(";")[0].replace("loss fell from ", "").split(" to "))
+    assert final < 0.8 * first, res.stdout
