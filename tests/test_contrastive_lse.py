@@ -93,6 +93,34 @@ def test_matches_reference(backend, config, shape, dtype):
                             name=f"{backend} {config} {shape}")
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(1, 1, 3), (19, 37, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_triton_interpreter_matches_reference(config, shape, dtype):
+    cfg = CONFIGS[config]
+    inputs, make, kw, outs = build(cfg, *shape)
+    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend="triton", **kw))
+    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    check_against_reference(fn, ref, inputs, dtype, grad_inputs=[0, 1, 2, 3], naive=ref,
+                            name=f"triton {config} {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(1, 1, 3), (37, 50, 9), (300, 257, 96), (129, 1000, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu_matches_reference(backend, config, shape, dtype):
+    cfg = CONFIGS[config]
+    inputs, make, kw, outs = build(cfg, *shape)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
+    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    check_against_reference(fn, ref, [x.cuda() for x in inputs], dtype, grad_inputs=[0, 1, 2, 3], naive=ref,
+                            name=f"{backend} {config} {shape}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extra_columns_with_gradient(backend):
     gen = torch.Generator().manual_seed(3)
@@ -189,3 +217,16 @@ def test_bad_input(kwargs, err, match):
     q, k = args.pop("q"), args.pop("k")
     with pytest.raises(err, match=match):
         contrastive_lse(q, k, **args)
+
+
+@pytest.mark.interpret
+def test_triton_is_deterministic_without_atomics():
+    inputs, make, kw, outs = build(CONFIGS["targets"], 40, 45, 24)
+    q, k, s, b, _ = [x.float().requires_grad_(True) for x in inputs]
+    runs = []
+    for _ in range(2):
+        r = contrastive_lse(q, k, s, b, outputs=outs, backend="triton", **kw)
+        grads = torch.autograd.grad(sum((getattr(r, o) * (i + 1)).sum() for i, o in enumerate(outs)), (q, k, s, b))
+        runs.append([getattr(r, o) for o in outs] + list(grads))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)

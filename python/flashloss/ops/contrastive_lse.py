@@ -250,8 +250,13 @@ def _native_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, label
     return tuple(o if need else None for o, need in zip(outs, needs))
 
 
-_IMPLS = {"torch": (_torch_forward, _torch_backward)}
-_AUTO = {"cpu": ("torch",), "cuda": ("torch",)}
+_TRITON = "flashloss.triton_kernels.contrastive_lse"
+_IMPLS = {
+    "torch": (_torch_forward, _torch_backward),
+    "triton": (_backend.lazy(_TRITON, "forward"), _backend.lazy(_TRITON, "backward")),
+}
+# CUDA: Triton first (the torch backend is the fallback); to be re-ranked on a GPU measurement.
+_AUTO = {"cpu": ("torch",), "cuda": ("triton", "torch")}
 _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
 
 
@@ -414,7 +419,8 @@ def contrastive_lse(
         check_tensor("scale", scale, dim=(0, 1), dtypes=FLOAT_DTYPES, device=q.device)
         if scale.dim() == 1 and scale.shape[0] != n:
             raise ValueError(f"scale must be a float, a 0-d tensor or a [N={n}] tensor, got shape {tuple(scale.shape)}")
-        scale_rows = scale.to(acc).expand(n) if scale.dim() == 0 else scale.to(acc)
+        # contiguous: kernels index scale[i] directly (an expanded 0-d tensor has stride 0)
+        scale_rows = (scale.to(acc).expand(n) if scale.dim() == 0 else scale.to(acc)).contiguous()
     elif isinstance(scale, (int, float)):
         if not scale > 0:
             raise ValueError(f"scale must be > 0 (scale = 1/temperature), got {scale}")
