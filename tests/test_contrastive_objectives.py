@@ -330,3 +330,14 @@ def test_reductions_are_consistent(fn):
 def test_objective_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_learnable_temperature(backend):
+    # iSogCLR-style: temperature tau [N] with gradient, S_ij = sim_ij / tau_i (OBJECTIVES 1.13)
+    q, k = randn(10, 5, seed=30), randn(10, 5, seed=31)
+    tau = torch.rand(10, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.05 + 0.02
+    check_against_reference(
+        lambda q, k, tau: flashloss.info_nce(q, k, temperature=tau, backend=backend),
+        lambda q, k, tau: F.cross_entropy((q @ k.T) / tau[:, None], torch.arange(10)),
+        [q, k, tau], torch.float32, name="per-row temperature")
