@@ -2,8 +2,6 @@
 reference, every flashloss backend and the installed peer libraries as implementations."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _backend
@@ -127,19 +125,6 @@ def _clip_naive():
     return fn
 
 
-def _open_clip_module():
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open_clip_torch is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mod_spec = importlib.util.spec_from_file_location("open_clip_loss_bench", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 def _installed(module: str, hint: str):
     def check(device: str) -> tuple[bool, str]:
         import importlib.util
@@ -152,7 +137,9 @@ def _installed(module: str, hint: str):
 
 
 def _clip_open_clip():
-    loss = _open_clip_module().ClipLoss()
+    from .anchors import open_clip_loss_module
+
+    loss = open_clip_loss_module().ClipLoss()
     return lambda img, txt, scale: loss(img, txt, scale)
 
 

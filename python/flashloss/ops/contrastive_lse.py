@@ -134,6 +134,14 @@ def _prob(S_masked, lse, dim):
     return torch.exp(S_masked - (safe[:, None] if dim == 1 else safe[None, :]))
 
 
+def _tiles(n: int, m_all: int, device):
+    """(r0, r1, c0, c1) of every tile, row-major."""
+    bs = _tile_size(device)
+    for r0 in range(0, n, bs):
+        for c0 in range(0, m_all, bs):
+            yield r0, min(n, r0 + bs), c0, min(m_all, c0 + bs)
+
+
 def _torch_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k):
     n, m_all, m = q.shape[0], k_all.shape[0], spec.m_main
     acc = acc_dtype(q.dtype)
@@ -145,29 +153,25 @@ def _torch_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_
     col_m, col_s = torch.full((m,), neg_inf, **f), torch.zeros(m, **f)
     pos_sum, pos_cnt, col_pos = torch.zeros(n, **f), torch.zeros(n, **f), torch.zeros(m, **f)
     row_sig = torch.zeros(n, **f)
-    bs = _tile_size(dev)
-    for r0 in range(0, n, bs):
-        r1 = min(n, r0 + bs)
+    for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
-        for c0 in range(0, m_all, bs):
-            c1 = min(m_all, c0 + bs)
-            Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
-            _, S = _tile_logits(spec, qb, k_all[c0:c1].to(acc), sb, bias, Y)
-            if want & _BIT["row_lse"]:
-                row_m[r0:r1], row_s[r0:r1] = _merge(row_m[r0:r1], row_s[r0:r1],
-                                                    S.masked_fill(~allowed, neg_inf), 1)
-            cm = min(c1, m) - c0  # main columns in this tile
-            if want & _BIT["col_lse"] and cm > 0:
-                col_m[c0:c0 + cm], col_s[c0:c0 + cm] = _merge(
-                    col_m[c0:c0 + cm], col_s[c0:c0 + cm], S[:, :cm].masked_fill(~col_ok[:, :cm], neg_inf), 0)
-            SY = S.masked_fill(~Y, 0.0)
-            pos_sum[r0:r1] += SY.sum(1)
-            pos_cnt[r0:r1] += Y.sum(1)
-            if cm > 0:
-                col_pos[c0:c0 + cm] += SY[:, :cm].sum(0)
-            if spec.sigmoid:
-                z = Y.to(acc) * 2 - 1
-                row_sig[r0:r1] += softplus(-z * S).masked_fill(~allowed, 0.0).sum(1)
+        Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
+        _, S = _tile_logits(spec, qb, k_all[c0:c1].to(acc), sb, bias, Y)
+        if want & _BIT["row_lse"]:
+            row_m[r0:r1], row_s[r0:r1] = _merge(row_m[r0:r1], row_s[r0:r1],
+                                                S.masked_fill(~allowed, neg_inf), 1)
+        cm = min(c1, m) - c0  # main columns in this tile
+        if want & _BIT["col_lse"] and cm > 0:
+            col_m[c0:c0 + cm], col_s[c0:c0 + cm] = _merge(
+                col_m[c0:c0 + cm], col_s[c0:c0 + cm], S[:, :cm].masked_fill(~col_ok[:, :cm], neg_inf), 0)
+        SY = S.masked_fill(~Y, 0.0)
+        pos_sum[r0:r1] += SY.sum(1)
+        pos_cnt[r0:r1] += Y.sum(1)
+        if cm > 0:
+            col_pos[c0:c0 + cm] += SY[:, :cm].sum(0)
+        if spec.sigmoid:
+            z = Y.to(acc) * 2 - 1
+            row_sig[r0:r1] += softplus(-z * S).masked_fill(~allowed, 0.0).sum(1)
     out = []
     for name, value in (("row_lse", _finish(row_m, row_s)), ("col_lse", _finish(col_m, col_s)),
                         ("pos_sum", pos_sum), ("pos_count", pos_cnt), ("col_pos_sum", col_pos),
@@ -188,40 +192,36 @@ def _torch_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels
     dk = torch.zeros(spec.grad_cols, q.shape[1], dtype=acc, device=dev) if need_dk else None
     dscale = torch.zeros(n, dtype=acc, device=dev) if need_dscale else None
     dbias = torch.zeros((), dtype=acc, device=dev) if need_dbias else None
-    bs = _tile_size(dev)
-    for r0 in range(0, n, bs):
-        r1 = min(n, r0 + bs)
+    for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
-        for c0 in range(0, m_all, bs):
-            c1 = min(m_all, c0 + bs)
-            kb = k_all[c0:c1].to(acc)
-            Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
-            sim, S = _tile_logits(spec, qb, kb, sb, bias, Y)
-            Yf = Y.to(acc)
-            dS = torch.zeros_like(S)
-            if want & _BIT["row_lse"]:
-                dS += g_row[r0:r1, None] * _prob(S.masked_fill(~allowed, neg_inf), row_lse[r0:r1], 1)
-            cm = min(c1, m) - c0
-            if want & _BIT["col_lse"] and cm > 0:
-                dS[:, :cm] += g_col[None, c0:c0 + cm] * _prob(
-                    S[:, :cm].masked_fill(~col_ok[:, :cm], neg_inf), col_lse[c0:c0 + cm], 0)
-            if want & _BIT["pos_sum"]:
-                dS += g_pos[r0:r1, None] * Yf
-            if want & _BIT["col_pos_sum"] and cm > 0:
-                dS[:, :cm] += g_colpos[None, c0:c0 + cm] * Yf[:, :cm]
-            if spec.sigmoid:
-                z = Yf * 2 - 1
-                dS += (g_sig[r0:r1, None] * (-z) * torch.sigmoid(-z * S)).masked_fill(~allowed, 0.0)
-            if need_dscale:
-                dscale[r0:r1] += (dS * sim).sum(1)
-            if need_dbias:
-                dbias += dS.sum()
-            dsim = dS * sb[:, None]
-            if need_dq:
-                dq[r0:r1] += dsim @ kb
-            if need_dk and c0 < spec.grad_cols:
-                g1 = min(c1, spec.grad_cols) - c0
-                dk[c0:c0 + g1] += dsim[:, :g1].T @ qb
+        kb = k_all[c0:c1].to(acc)
+        Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
+        sim, S = _tile_logits(spec, qb, kb, sb, bias, Y)
+        Yf = Y.to(acc)
+        dS = torch.zeros_like(S)
+        if want & _BIT["row_lse"]:
+            dS += g_row[r0:r1, None] * _prob(S.masked_fill(~allowed, neg_inf), row_lse[r0:r1], 1)
+        cm = min(c1, m) - c0
+        if want & _BIT["col_lse"] and cm > 0:
+            dS[:, :cm] += g_col[None, c0:c0 + cm] * _prob(
+                S[:, :cm].masked_fill(~col_ok[:, :cm], neg_inf), col_lse[c0:c0 + cm], 0)
+        if want & _BIT["pos_sum"]:
+            dS += g_pos[r0:r1, None] * Yf
+        if want & _BIT["col_pos_sum"] and cm > 0:
+            dS[:, :cm] += g_colpos[None, c0:c0 + cm] * Yf[:, :cm]
+        if spec.sigmoid:
+            z = Yf * 2 - 1
+            dS += (g_sig[r0:r1, None] * (-z) * torch.sigmoid(-z * S)).masked_fill(~allowed, 0.0)
+        if need_dscale:
+            dscale[r0:r1] += (dS * sim).sum(1)
+        if need_dbias:
+            dbias += dS.sum()
+        dsim = dS * sb[:, None]
+        if need_dq:
+            dq[r0:r1] += dsim @ kb
+        if need_dk and c0 < spec.grad_cols:
+            g1 = min(c1, spec.grad_cols) - c0
+            dk[c0:c0 + g1] += dsim[:, :g1].T @ qb
     return dq, dk, dscale, dbias
 
 
