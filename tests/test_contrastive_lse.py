@@ -209,6 +209,9 @@ def test_compile_fullgraph():
         (dict(exclude_positives=True), ValueError, "needs targets or labels"),
         (dict(extra_k=torch.randn(2, 7)), ValueError, r"extra_k\[0\] must have feature dimension"),
         (dict(backend="cuda"), BackendUnavailableError, "cuda"),
+        (dict(k=torch.randn(5, 3, device="meta")), ValueError, "k must be on device cpu"),
+        (dict(targets=torch.tensor([0, 1, 2], device="meta")), ValueError, "targets must be on device cpu"),
+        (dict(scale=torch.tensor(2.0, device="meta")), ValueError, "scale must be on device cpu"),
     ],
 )
 def test_bad_input(kwargs, err, match):
