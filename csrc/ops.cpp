@@ -120,18 +120,19 @@ int64_t block_rows(int64_t m_all, int64_t requested) {
 }
 
 struct Prepared {
-  at::Tensor q, k, scale, targets, valid, labels_q, labels_k;
+  at::Tensor q, k, scale, margin_rows, targets, valid, labels_q, labels_k;
 };
 
 // Dense int32 label ids (labels may be any int64 values); extra columns get -1 (never positive).
 Prepared prepare(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
-                 const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+                 const std::optional<at::Tensor>& margin_rows, const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
                  const std::optional<at::Tensor>& labels_k, int64_t m_main) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Prepared p;
   p.q = q.to(acc).contiguous();
   p.k = k_all.to(acc).contiguous();
   p.scale = scale.to(acc).contiguous();
+  if (margin_rows.has_value()) p.margin_rows = margin_rows->to(acc).contiguous();
   const int64_t n = q.size(0), m_all = k_all.size(0);
   auto i32 = q.options().dtype(at::kInt);
   if (targets.has_value()) {
@@ -162,6 +163,7 @@ flashloss::cpu::ContrastiveProblem<T> problem(const Prepared& pr, const std::opt
   p.scale = pr.scale.data_ptr<T>();
   p.bias = bias.has_value() ? static_cast<T>(bias->item<double>()) : T(0);
   p.margin = static_cast<T>(margin);
+  p.margin_rows = pr.margin_rows.defined() ? pr.margin_rows.data_ptr<T>() : nullptr;
   p.targets = pr.targets.defined() ? pr.targets.data_ptr<int32_t>() : nullptr;
   p.valid = pr.valid.data_ptr<uint8_t>();
   p.labels_q = pr.labels_q.defined() ? pr.labels_q.data_ptr<int32_t>() : nullptr;
@@ -214,7 +216,8 @@ void contrastive_forward_impl(const Prepared& pr, const flashloss::cpu::Contrast
 }
 
 void contrastive_lse_forward_cpu(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& targets,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& margin_rows,
+                                 const std::optional<at::Tensor>& targets,
                                  const std::optional<at::Tensor>& labels_q,
                                  const std::optional<at::Tensor>& labels_k, int64_t m_main, bool exclude_self,
                                  bool exclude_positives, double margin, bool sigmoid, int64_t want,
@@ -224,7 +227,7 @@ void contrastive_lse_forward_cpu(const at::Tensor& q, const at::Tensor& k_all, c
   (void)want;  // which outputs: given by which out tensors are non-empty
   TORCH_CHECK(q.dim() == 2 && k_all.dim() == 2 && q.size(1) == k_all.size(1), "flashloss: q [N,D], k [M,D]");
   TORCH_CHECK(m_main >= 0 && m_main <= k_all.size(0), "flashloss: m_main out of range");
-  const auto pr = prepare(q, k_all, scale, targets, labels_q, labels_k, m_main);
+  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, m_main);
   const auto acc = pr.q.scalar_type();
   const int64_t n = q.size(0);
   check_out(row_lse, n, acc, "row_lse");
@@ -267,6 +270,7 @@ std::vector<at::Tensor> contrastive_backward_impl(const Prepared& pr, const flas
   auto dq = at::zeros({n, d}, opts);
   auto dk = at::zeros({grad_cols, d}, opts);
   auto dscale = at::zeros({n}, opts);
+  auto dmargin = at::zeros({needs[4] ? n : 0}, opts);
   double dbias = 0;
   const int64_t br = block_rows(m_all, requested_rows);
   auto tile = at::empty({std::min(br, std::max<int64_t>(n, 1)), m_all}, opts);
@@ -279,28 +283,29 @@ std::vector<at::Tensor> contrastive_backward_impl(const Prepared& pr, const flas
     dbias += flashloss::cpu::contrastive_backward_tile<T>(
         p, r0, rows, t.data_ptr<T>(), ptr_or_null<T>(row_lse), ptr_or_null<T>(col_lse_p), ptr_or_null<T>(g_row),
         ptr_or_null<T>(g_col_p), ptr_or_null<T>(g_pos), ptr_or_null<T>(g_colpos_p), ptr_or_null<T>(g_sig),
-        dscale.data_ptr<T>());
+        dscale.data_ptr<T>(), ptr_or_null<T>(dmargin));
     if (needs[0]) {
       auto dq_blk = dq.narrow(0, r0, rows);
       at::mm_out(dq_blk, t, pr.k);
     }
     if (needs[1] && grad_cols > 0) dk.addmm_(t.narrow(1, 0, grad_cols).t(), q_blk);
   }
-  return {dq, dk, dscale, at::scalar_tensor(dbias, opts)};
+  return {dq, dk, dscale, at::scalar_tensor(dbias, opts), dmargin};
 }
 
 std::vector<at::Tensor> contrastive_lse_backward_cpu(
     const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+    const std::optional<at::Tensor>& margin_rows, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& labels_q,
     const std::optional<at::Tensor>& labels_k, const at::Tensor& row_lse, const at::Tensor& col_lse,
     const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& g_pos, const at::Tensor& g_colpos,
     const at::Tensor& g_sig, int64_t m_main, int64_t grad_cols, bool exclude_self, bool exclude_positives,
     double margin, bool sigmoid, int64_t want, int64_t needs_bits, int64_t block) {
   (void)want;
-  // which gradients are wanted: bit 0 dq, 1 dk, 2 dscale, 3 dbias
+  // which gradients are wanted: bit 0 dq, 1 dk, 2 dscale, 3 dbias, 4 dmargin
   const std::vector<bool> needs = {bool(needs_bits & 1), bool(needs_bits & 2), bool(needs_bits & 4),
-                                   bool(needs_bits & 8)};
-  const auto pr = prepare(q, k_all, scale, targets, labels_q, labels_k, m_main);
+                                   bool(needs_bits & 8), bool(needs_bits & 16)};
+  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, m_main);
   if (pr.q.scalar_type() == at::kDouble)
     return contrastive_backward_impl<double>(
         pr, problem<double>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid), row_lse, col_lse,
@@ -324,11 +329,11 @@ TORCH_LIBRARY(flashloss_C, m) {
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   m.def("row_logsumexp_forward(Tensor x, Tensor(a!) lse) -> ()");
   m.def("row_logsumexp_backward(Tensor x, Tensor lse, Tensor grad, Tensor(a!) dx) -> ()");
-  m.def("contrastive_lse_forward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? targets, "
+  m.def("contrastive_lse_forward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? margin_rows, Tensor? targets, "
         "Tensor? labels_q, Tensor? labels_k, int m_main, bool exclude_self, bool exclude_positives, "
         "float margin, bool sigmoid, int want, Tensor(a!) row_lse, Tensor(b!) col_lse, Tensor(c!) pos_sum, "
         "Tensor(d!) pos_count, Tensor(e!) col_pos_sum, Tensor(f!) row_sigmoid, int block_rows) -> ()");
-  m.def("contrastive_lse_backward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? targets, "
+  m.def("contrastive_lse_backward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? margin_rows, Tensor? targets, "
         "Tensor? labels_q, Tensor? labels_k, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
         "Tensor g_pos, Tensor g_colpos, Tensor g_sig, int m_main, int grad_cols, bool exclude_self, "
         "bool exclude_positives, float margin, bool sigmoid, int want, int needs, int block_rows) -> Tensor[]");

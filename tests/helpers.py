@@ -51,9 +51,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def assert_close(actual, expected, dtype, what: str, baseline_err: float | None = None,
                  tol: float | None = None) -> float:
-    """Asserts the dtype tolerance; for bf16/fp16 also err <= baseline_err + 1e-2 when given."""
+    """Asserts the dtype tolerance; for bf16/fp16 also err <= baseline_err + 1e-2 when given.
+    fp32: a quantity that plain PyTorch in fp32 cannot get within 1e-5 either (a scalar gradient
+    formed by cancellation, e.g. d/dscale of a softmax loss) may be off by at most twice plain
+    PyTorch's own error (docs/DECISIONS.md)."""
     tol = TOLERANCE[dtype] if tol is None else tol
     err = rel_err(actual, expected)
+    if dtype == torch.float32 and baseline_err is not None and baseline_err > tol:
+        tol = 2.0 * baseline_err
     if not err <= tol:
         raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})")
     if baseline_err is not None and not err <= baseline_err + LOW_PRECISION_SLACK:
@@ -122,14 +127,14 @@ def check_against_reference(
 
     outs, grads = errors_of(fn)
     base_outs = base_grads = None
-    if low and naive is not None:
+    if (low or dtype == torch.float32) and naive is not None:
         base_outs, base_grads = errors_of(naive)
     if len(outs) != len(ref_out):
         raise AssertionError(f"{name}: {len(outs)} outputs, reference has {len(ref_out)}")
     errs: dict[str, float] = {}
     for k, (o, r) in enumerate(zip(outs, ref_out)):
         base = rel_err(base_outs[k], r) if base_outs is not None else None
-        errs[f"out{k}"] = assert_close(o, r, dtype, f"{name} output {k}", base, tol)
+        errs[f"out{k}"] = assert_close(o, r, dtype, f"{name} output {k}", base if low or base else None, tol)
     for k, (g, r) in enumerate(zip(grads, ref_grads)):
         label = f"{name} gradient of input {grad_inputs[k]}"
         if r is None and g is None:

@@ -34,6 +34,7 @@ CONFIGS = {
     "labels_exclude_self": dict(positives="labels", exclude_self=True, same=True),
     "dcl_exclude_positives": dict(positives="labels", exclude_self=True, exclude_positives=True, same=True),
     "margin": dict(positives="targets", margin=-0.35),
+    "row_margin": dict(positives="labels", row_margin=True),
     "extra_columns": dict(positives="targets", extra=True),
     "per_row_scale": dict(positives="targets", row_scale=True),
     "sigmoid": dict(positives="targets", mode="sigmoid"),
@@ -52,6 +53,7 @@ def build(cfg, n, m, d, seed=0):
         torch.tensor(2.5, dtype=torch.float64)
     bias = torch.tensor(-0.7, dtype=torch.float64)
     extra = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    margin_rows = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5
     kw = dict(exclude_self=cfg.get("exclude_self", False), exclude_positives=cfg.get("exclude_positives", False),
               margin=cfg.get("margin", 0.0), mode=cfg.get("mode", "softmax"))
     if cfg["positives"] == "targets":
@@ -66,16 +68,21 @@ def build(cfg, n, m, d, seed=0):
     if cfg.get("positives") is None:
         outs = ("row_lse", "col_lse")
     use_extra = cfg.get("extra", False)
+    row_margin = cfg.get("row_margin", False)
 
     def make(fn):
-        def call(q, k, scale, bias, extra):
+        def call(q, k, scale, bias, extra, margin_rows):
             if same:
                 k = q  # one tensor: its gradient collects both roles
-            res = fn(q, k, scale, bias, extra if use_extra else None)
+            kw_call = dict(kw, margin=margin_rows) if row_margin else kw
+            res = fn(q, k, scale, bias, extra if use_extra else None, kw_call)
             return tuple(res[o] if isinstance(res, dict) else getattr(res, o) for o in outs)
         return call
 
-    return [q, k, scale, bias, extra], make, kw, outs
+    return [q, k, scale, bias, extra, margin_rows], make, kw, outs
+
+
+GRAD_INPUTS = [0, 1, 2, 3, 5]  # q, k, scale, bias, per-row margin (the extra block is a no-grad queue)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,11 +92,10 @@ def build(cfg, n, m, d, seed=0):
 def test_matches_reference(backend, config, shape, dtype):
     cfg = CONFIGS[config]
     inputs, make, kw, outs = build(cfg, *shape)
-    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
-    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    fn = make(lambda q, k, s, b, e, kw: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
+    ref = make(lambda q, k, s, b, e, kw: ref_contrastive(q, k, s, b, extra_k=e, **kw))
     # the extra block is a no-grad queue here; its gradient path is tested separately
-    grad_inputs = [0, 1, 2, 3]
-    check_against_reference(fn, ref, inputs, dtype, grad_inputs=grad_inputs, naive=ref,
+    check_against_reference(fn, ref, inputs, dtype, grad_inputs=GRAD_INPUTS, naive=ref,
                             name=f"{backend} {config} {shape}")
 
 
@@ -100,9 +106,9 @@ def test_matches_reference(backend, config, shape, dtype):
 def test_triton_interpreter_matches_reference(config, shape, dtype):
     cfg = CONFIGS[config]
     inputs, make, kw, outs = build(cfg, *shape)
-    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend="triton", **kw))
-    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
-    check_against_reference(fn, ref, inputs, dtype, grad_inputs=[0, 1, 2, 3], naive=ref,
+    fn = make(lambda q, k, s, b, e, kw: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend="triton", **kw))
+    ref = make(lambda q, k, s, b, e, kw: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    check_against_reference(fn, ref, inputs, dtype, grad_inputs=GRAD_INPUTS, naive=ref,
                             name=f"triton {config} {shape}")
 
 
@@ -115,9 +121,9 @@ def test_gpu_matches_reference(backend, config, shape, dtype):
     cfg = CONFIGS[config]
     inputs, make, kw, outs = build(cfg, *shape)
     kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    fn = make(lambda q, k, s, b, e: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
-    ref = make(lambda q, k, s, b, e: ref_contrastive(q, k, s, b, extra_k=e, **kw))
-    check_against_reference(fn, ref, [x.cuda() for x in inputs], dtype, grad_inputs=[0, 1, 2, 3], naive=ref,
+    fn = make(lambda q, k, s, b, e, kw: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend=backend, **kw))
+    ref = make(lambda q, k, s, b, e, kw: ref_contrastive(q, k, s, b, extra_k=e, **kw))
+    check_against_reference(fn, ref, [x.cuda() for x in inputs], dtype, grad_inputs=GRAD_INPUTS, naive=ref,
                             name=f"{backend} {config} {shape}")
 
 
@@ -225,7 +231,7 @@ def test_bad_input(kwargs, err, match):
 @pytest.mark.interpret
 def test_triton_is_deterministic_without_atomics():
     inputs, make, kw, outs = build(CONFIGS["targets"], 40, 45, 24)
-    q, k, s, b, _ = [x.float().requires_grad_(True) for x in inputs]
+    q, k, s, b, _, _ = [x.float().requires_grad_(True) for x in inputs]
     runs = []
     for _ in range(2):
         r = contrastive_lse(q, k, s, b, outputs=outs, backend="triton", **kw)

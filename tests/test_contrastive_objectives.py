@@ -341,3 +341,29 @@ def test_per_row_learnable_temperature(backend):
         lambda q, k, tau: flashloss.info_nce(q, k, temperature=tau, backend=backend),
         lambda q, k, tau: F.cross_entropy((q @ k.T) / tau[:, None], torch.arange(10)),
         [q, k, tau], torch.float32, name="per-row temperature")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["additive", "angular"])
+def test_margin_nce_matches_dense(backend, kind):
+    q, k = randn(14, 6, seed=32), randn(16, 6, seed=33)
+    t = torch.randint(0, 16, (14,), generator=torch.Generator().manual_seed(3))
+    t[5] = -100
+    s, m = 30.0, 0.2
+
+    def dense(q, k):
+        cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T
+        valid = t != -100
+        tc = t.clamp_min(0)
+        c = cos[torch.arange(14), tc]
+        if kind == "additive":
+            psi = c - m
+        else:
+            sin = torch.sqrt((1 - c * c).clamp_min(0)).clamp_min(1e-6)
+            psi = c * math.cos(m) - sin * math.sin(m)
+        logits = cos.clone()
+        logits[torch.arange(14), tc] = torch.where(valid, psi, c)
+        return F.cross_entropy(s * logits, t, ignore_index=-100)
+
+    check_against_reference(lambda q, k: flashloss.margin_nce(q, k, t, scale=s, margin=m, kind=kind, backend=backend),
+                            dense, [q, k], torch.float32, name=f"margin {kind}")

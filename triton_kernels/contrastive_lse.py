@@ -34,8 +34,8 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, rows, cols, N, M_ALL, M_MAIN, D,
-          stride_q, stride_k, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
+def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, rows, cols, N, M_ALL,
+          M_MAIN, D, stride_q, stride_k, HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
           EXCL_POS: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
           UPCAST: tl.constexpr):
     """sim, S, positives Y, allowed mask and row validity of the tile rows x cols."""
@@ -74,7 +74,10 @@ def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, rows, 
         Y = Y & (self_pair == 0)
     if EXCL_POS:
         allowed = allowed & (Y == 0)
-    S = tl.where(Y, S + margin, S)
+    mg = tl.zeros([rows.shape[0]], ACC) + margin
+    if HAS_MROW:
+        mg += tl.load(mrow_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    S = tl.where(Y, S + mg[:, None], S)
     return sim, S, Y, allowed, valid
 
 
@@ -90,9 +93,9 @@ def _softplus(x):
 
 
 @triton.jit
-def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr,
+def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
                   lse_ptr, pos_ptr, cnt_ptr, sig_ptr, N, M_ALL, M_MAIN, D, stride_q, stride_k,
-                  AXIS: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
+                  AXIS: tl.constexpr, HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
                   EXCL_POS: tl.constexpr, WANT_LSE: tl.constexpr, WANT_POS: tl.constexpr,
                   WANT_SIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   IEEE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
@@ -118,8 +121,8 @@ def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr
         else:
             rows = o0 + tl.arange(0, BM)
             cols = own
-        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, rows,
-                                          cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_TGT, HAS_LAB,
+        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
+                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
                                           EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         if AXIS == 1:
             allowed = allowed & valid[:, None] & (cols < M_MAIN)[None, :]
@@ -185,10 +188,10 @@ def _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr, col_lse_ptr,
-               g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dq_ptr, dscale_ptr, dbias_ptr,
-               N, M_ALL, M_MAIN, D, stride_q, stride_k,
-               HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
+def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr,
+               col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dq_ptr, dscale_ptr,
+               dbias_ptr, dmargin_ptr, N, M_ALL, M_MAIN, D, stride_q, stride_k,
+               HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
                WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr, WANT_POS: tl.constexpr,
                WANT_COLPOS: tl.constexpr, WANT_SIG: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -199,16 +202,18 @@ def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, r
     acc = tl.zeros([BM, BD], ACC)
     dscale = tl.zeros([BM], ACC)
     dbias = tl.zeros([BM], ACC)
+    dmargin = tl.zeros([BM], ACC)
     sc = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(ACC)
     for c0 in range(0, M_ALL, BN):
         cols = c0 + tl.arange(0, BN)
-        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, rows,
-                                          cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_TGT, HAS_LAB,
+        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
+                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
                                           EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         dS = _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                  g_pos_ptr, g_colpos_ptr, g_sig_ptr, WANT_ROW, WANT_COL, WANT_POS, WANT_COLPOS, WANT_SIG, ACC)
         dscale += tl.sum(dS * sim, axis=1)
         dbias += tl.sum(dS, axis=1)
+        dmargin += tl.sum(tl.where(Y, dS, 0.0), axis=1)
         kb = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :], mask=(cols < M_ALL)[:, None] & (dd < D)[None, :],
                      other=0.0)
         if UPCAST:
@@ -221,13 +226,14 @@ def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, r
     if tl.program_id(1) == 0:
         tl.store(dscale_ptr + rows, dscale, mask=rmask)
         tl.store(dbias_ptr + rows, dbias, mask=rmask)
+        tl.store(dmargin_ptr + rows, dmargin, mask=rmask)
 
 
 @triton.jit
-def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr, col_lse_ptr,
-               g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dk_ptr,
+def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr,
+               col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dk_ptr,
                N, M_ALL, M_MAIN, GRAD_COLS, D, stride_q, stride_k,
-               HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
+               HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
                WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr, WANT_POS: tl.constexpr,
                WANT_COLPOS: tl.constexpr, WANT_SIG: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -238,8 +244,8 @@ def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, r
     for r0 in range(0, N, BM):
         rows = r0 + tl.arange(0, BM)
         rmask = rows < N
-        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, tgt_ptr, lq_ptr, lk_ptr, rows,
-                                          cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_TGT, HAS_LAB,
+        sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
+                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
                                           EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         dS = _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                  g_pos_ptr, g_colpos_ptr, g_sig_ptr, WANT_ROW, WANT_COL, WANT_POS, WANT_COLPOS, WANT_SIG, ACC)
@@ -285,7 +291,7 @@ def _acc(q):
     return tl.float64 if q.dtype == torch.float64 else tl.float32
 
 
-def forward(spec, q, k_all, scale, bias, targets, labels_q, labels_k):
+def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
     from flashloss.ops.contrastive_lse import OUTPUTS, _BIT, acc_dtype
 
     n, d = q.shape
@@ -297,10 +303,11 @@ def forward(spec, q, k_all, scale, bias, targets, labels_q, labels_k):
     outs = {o: empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS}
     bm, bn, bk, _ = _blocks(d, q.device)
     b = float(bias) if bias is not None else 0.0
-    common = dict(HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
+    common = dict(HAS_MROW=margin_rows is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
                   EXCL_POS=spec.exclude_positives, BM=bm, BN=bn, BK=bk, IEEE=q.dtype == torch.float32,
                   ACC=_acc(q), UPCAST=_interpret())
     dummy = torch.zeros(1, dtype=acc, device=q.device)
+    mrow = margin_rows if margin_rows is not None else dummy
     want_row = bool(spec.want & (_BIT["row_lse"] | _BIT["pos_sum"] | _BIT["pos_count"] | _BIT["row_sigmoid"]))
     want_pos = bool(spec.want & (_BIT["pos_sum"] | _BIT["pos_count"]))
     # the kernel writes positive sums and counts together: scratch for the one not requested
@@ -308,7 +315,7 @@ def forward(spec, q, k_all, scale, bias, targets, labels_q, labels_k):
     cnt_buf = outs["pos_count"] if outs["pos_count"].numel() or not want_pos else torch.empty(n, dtype=acc, device=q.device)
     if n and want_row:
         _stats_kernel[(triton.cdiv(n, bm),)](
-            q, k_all, scale, b, spec.margin, tgt, lq, lk,
+            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk,
             outs["row_lse"] if outs["row_lse"].numel() else dummy,
             pos_buf if pos_buf.numel() else dummy,
             cnt_buf if cnt_buf.numel() else dummy,
@@ -319,7 +326,7 @@ def forward(spec, q, k_all, scale, bias, targets, labels_q, labels_k):
     want_col = bool(spec.want & (_BIT["col_lse"] | _BIT["col_pos_sum"]))
     if spec.m_main and want_col:
         _stats_kernel[(triton.cdiv(spec.m_main, bn),)](
-            q, k_all, scale, b, spec.margin, tgt, lq, lk,
+            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk,
             outs["col_lse"] if outs["col_lse"].numel() else dummy,
             outs["col_pos_sum"] if outs["col_pos_sum"].numel() else dummy, dummy, dummy,
             n, m_all, spec.m_main, d, q.stride(0), k_all.stride(0), AXIS=1,
@@ -328,8 +335,8 @@ def forward(spec, q, k_all, scale, bias, targets, labels_q, labels_k):
     return tuple(outs[o] for o in OUTPUTS)
 
 
-def backward(spec, q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
-             g_colpos, g_sig, needs):
+def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row,
+             g_col, g_pos, g_colpos, g_sig, needs):
     from flashloss.ops.contrastive_lse import _BIT, acc_dtype
 
     n, d = q.shape
@@ -343,34 +350,38 @@ def backward(spec, q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, 
     def arg(t):
         return t if t is not None and t.numel() else dummy
 
-    flags = dict(HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
+    flags = dict(HAS_MROW=margin_rows is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
                  EXCL_POS=spec.exclude_positives, WANT_ROW=bool(spec.want & _BIT["row_lse"]),
                  WANT_COL=bool(spec.want & _BIT["col_lse"]), WANT_POS=bool(spec.want & _BIT["pos_sum"]),
                  WANT_COLPOS=bool(spec.want & _BIT["col_pos_sum"]), WANT_SIG=spec.sigmoid,
                  BM=bm, BN=bn, BK=bk, BD=bd, IEEE=q.dtype == torch.float32, ACC=_acc(q), UPCAST=_interpret())
     stats = (arg(row_lse), arg(col_lse), arg(g_row), arg(g_col), arg(g_pos), arg(g_colpos), arg(g_sig))
-    need_dq, need_dk, need_dscale, need_dbias = needs
-    dq = dscale = dbias = dk = None
-    if (need_dq or need_dscale or need_dbias) and n:
+    need_dq, need_dk, need_dscale, need_dbias, need_dmargin = needs
+    mrow = margin_rows if margin_rows is not None else dummy
+    dq = dscale = dbias = dk = dmargin = None
+    if (need_dq or need_dscale or need_dbias or need_dmargin) and n:
         dq_buf = empty(n, d, dtype=acc, device=q.device)
         dscale_buf = empty(n, dtype=acc, device=q.device)
         dbias_rows = empty(n, dtype=acc, device=q.device)
+        dmargin_buf = empty(n, dtype=acc, device=q.device)
         _dq_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bd))](
-            q, k_all, scale, b, spec.margin, tgt, lq, lk, *stats, dq_buf, dscale_buf, dbias_rows,
+            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, *stats, dq_buf, dscale_buf, dbias_rows, dmargin_buf,
             n, m_all, spec.m_main, d, q.stride(0), k_all.stride(0), **flags)
         dq = dq_buf if need_dq else None
         dscale = dscale_buf if need_dscale else None
         dbias = dbias_rows.sum() if need_dbias else None
-    elif need_dq or need_dscale or need_dbias:
+        dmargin = dmargin_buf if need_dmargin else None
+    elif need_dq or need_dscale or need_dbias or need_dmargin:
         dq = torch.zeros(n, d, dtype=acc, device=q.device) if need_dq else None
         dscale = torch.zeros(n, dtype=acc, device=q.device) if need_dscale else None
         dbias = torch.zeros((), dtype=acc, device=q.device) if need_dbias else None
+        dmargin = torch.zeros(n, dtype=acc, device=q.device) if need_dmargin else None
     if need_dk and spec.grad_cols:
         dk = empty(spec.grad_cols, d, dtype=acc, device=q.device)
         if n:
             _dk_kernel[(triton.cdiv(spec.grad_cols, bn), triton.cdiv(d, bd))](
-                q, k_all, scale, b, spec.margin, tgt, lq, lk, *stats, dk,
+                q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, *stats, dk,
                 n, m_all, spec.m_main, spec.grad_cols, d, q.stride(0), k_all.stride(0), **flags)
         else:
             dk.zero_()
-    return dq, dk, dscale, dbias
+    return dq, dk, dscale, dbias, dmargin

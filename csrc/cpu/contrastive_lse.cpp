@@ -54,7 +54,8 @@ inline void evaluate(const ContrastiveProblem<T>& p, int64_t i, int64_t j, const
     Y = Y & ~self;
   }
   if (p.exclude_positives) allowed = allowed & ~Y;
-  if (p.margin != T(0)) S = L::sel(Y, S + L::splat(p.margin), S);
+  const T margin_i = p.margin + (p.margin_rows ? p.margin_rows[i] : T(0));
+  if (margin_i != T(0)) S = L::sel(Y, S + L::splat(margin_i), S);
 }
 
 template <typename T>
@@ -196,6 +197,7 @@ template <class L, typename T>
 struct GradAcc {
   typename L::F dscale = L::splat(T(0));
   typename L::F dbias = L::splat(T(0));
+  typename L::F dmargin = L::splat(T(0));
 };
 
 template <class L, typename T>
@@ -226,6 +228,7 @@ inline void grad_step(const ContrastiveProblem<T>& p, int64_t i, int64_t j, T* r
   }
   acc.dscale += dS * sim;
   acc.dbias += dS;
+  acc.dmargin += L::sel(Y, dS, zero);
   L::store(row + j, dS * L::splat(sc));
 }
 
@@ -241,7 +244,7 @@ void contrastive_forward_tile(const ContrastiveProblem<T>& p, int64_t r0, int64_
 template <typename T>
 double contrastive_backward_tile(const ContrastiveProblem<T>& p, int64_t r0, int64_t rows, T* tile,
                                  const T* row_lse, const T* col_lse, const T* g_row, const T* g_col,
-                                 const T* g_pos, const T* g_colpos, const T* g_sig, T* dscale) {
+                                 const T* g_pos, const T* g_colpos, const T* g_sig, T* dscale, T* dmargin) {
   using B = Body<T>;
   using S1 = Lane1<T>;
   const T inf = std::numeric_limits<T>::infinity();
@@ -265,6 +268,7 @@ double contrastive_backward_tile(const ContrastiveProblem<T>& p, int64_t r0, int
     for (; j < p.m_all; ++j)
       grad_step<S1>(p, i, j, row, sc, lse_i, g_row_i, g_pos_i, g_sig_i, valid_i, col_lse, g_col, g_colpos, tail);
     if (dscale) dscale[i] += B::hsum(acc.dscale) + tail.dscale;
+    if (dmargin) dmargin[i] += B::hsum(acc.dmargin) + tail.dmargin;
     dbias += static_cast<double>(B::hsum(acc.dbias) + tail.dbias);
   }
   return dbias;
@@ -276,10 +280,10 @@ template void contrastive_forward_tile<double>(const ContrastiveProblem<double>&
                                                double*, double*, double*, double*, double*, double*, double*);
 template double contrastive_backward_tile<float>(const ContrastiveProblem<float>&, int64_t, int64_t, float*,
                                                  const float*, const float*, const float*, const float*,
-                                                 const float*, const float*, const float*, float*);
+                                                 const float*, const float*, const float*, float*, float*);
 template double contrastive_backward_tile<double>(const ContrastiveProblem<double>&, int64_t, int64_t, double*,
                                                   const double*, const double*, const double*, const double*,
-                                                  const double*, const double*, const double*, double*);
+                                                  const double*, const double*, const double*, double*, double*);
 
 }  // namespace cpu
 }  // namespace flashloss

@@ -13,7 +13,8 @@ struct ContrastiveProblem {
   int64_t n, m_all, m_main;
   const T* scale;          // [n]
   T bias;                  // 0 when absent
-  T margin;
+  T margin;                // added to every positive logit
+  const T* margin_rows;    // [n] or null: per-row margin added to the positives of row i
   const int32_t* targets;  // [n] or null; -1 = no positive (ignored row)
   const uint8_t* valid;    // [n] rows that take part in column statistics
   const int32_t* labels_q; // [n] or null (dense ids)
@@ -31,12 +32,12 @@ void contrastive_forward_tile(const ContrastiveProblem<T>& p, int64_t r0, int64_
                               T* col_pos);
 
 // Backward over one row block: tile holds sim on entry and dS_ij * scale_i on exit (ready for the
-// dQ / dK GEMMs). Upstream gradients may be null (absent outputs). Adds to dscale [n] (may be
-// null) and returns this block's contribution to dbias.
+// dQ / dK GEMMs). Upstream gradients may be null (absent outputs). Adds to dscale [n] and
+// dmargin [n] = sum_j dS_ij Y_ij (each may be null) and returns this block's part of dbias.
 template <typename T>
 double contrastive_backward_tile(const ContrastiveProblem<T>& p, int64_t r0, int64_t rows, T* tile,
                                  const T* row_lse, const T* col_lse, const T* g_row, const T* g_col,
-                                 const T* g_pos, const T* g_colpos, const T* g_sig, T* dscale);
+                                 const T* g_pos, const T* g_colpos, const T* g_sig, T* dscale, T* dmargin);
 
 }  // namespace cpu
 }  // namespace flashloss

@@ -15,6 +15,7 @@ from .contrastive import (  # noqa: E402
     debiased_contrastive_loss,
     hard_negative_loss,
     info_nce,
+    margin_nce,
     mnrl_loss,
     moco_loss,
     nt_xent,
@@ -27,7 +28,7 @@ from .ops import contrastive_lse, row_logsumexp  # noqa: E402
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive",
     "ops", "ref", "contrastive_lse", "row_logsumexp",
-    "info_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
+    "info_nce", "margin_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
     "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
     "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
 ]

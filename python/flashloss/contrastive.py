@@ -68,11 +68,11 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(q, k, targets=None, *, scale=None, temperature=None, bias=None, extra_k=None,
-             margin: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+             margin=0.0, reduction: str = "mean", backend: str = "auto"):
     """One-direction InfoNCE, l_i = LSE_j S_ij - S_{i, y_i} with S = scale * q k^T + bias
     (= F.cross_entropy(S, targets)). targets default to arange(N); -100 ignores a row.
-    `extra_k` adds negative-only columns (a MoCo queue: pass it without grad). `margin` is added
-    to the positive logit (pass -scale*m for an additive cosine margin). Default temperature 0.07."""
+    `extra_k` adds negative-only columns (a MoCo queue: pass it without grad). `margin` (float or
+    [N] tensor) is added to the positive logit (see margin_nce for AM/AAM). Default temperature 0.07."""
     if targets is None:
         if k.shape[0] < q.shape[0]:
             raise ValueError(f"targets default to arange(N) and need M >= N; got N={q.shape[0]}, M={k.shape[0]}")
@@ -81,6 +81,30 @@ def info_nce(q, k, targets=None, *, scale=None, temperature=None, bias=None, ext
     r = contrastive_lse(q, k, s, bias, targets=targets, extra_k=extra_k, margin=margin,
                         outputs=("row_lse", "pos_sum"), backend=backend)
     return _reduce(r.row_lse - r.pos_sum, reduction, targets != -100)
+
+
+def margin_nce(q, k, targets=None, *, scale: float = 30.0, margin: float = 0.2, kind: str = "additive",
+               reduction: str = "mean", backend: str = "auto"):
+    """Cosine softmax with a margin on the positive (OBJECTIVES 1.12): the positive logit becomes
+    s * psi(cos theta), psi = cos theta - m ("additive", AM-Softmax / CosFace) or cos(theta + m)
+    ("angular", AAM / ArcFace, sin theta clamped >= 1e-6), in numerator and denominator alike.
+    Inputs are L2-normalised inside; targets default to arange(N), -100 ignores a row."""
+    if kind not in ("additive", "angular"):
+        raise ValueError(f"kind must be 'additive' or 'angular', got {kind!r}")
+    qn, kn = _normalize(q), _normalize(k)
+    if targets is None:
+        if k.shape[0] < q.shape[0]:
+            raise ValueError(f"targets default to arange(N) and need M >= N; got N={q.shape[0]}, M={k.shape[0]}")
+        targets = torch.arange(q.shape[0], device=q.device)
+    if kind == "additive":
+        return info_nce(qn, kn, targets, scale=scale, margin=-scale * margin, reduction=reduction, backend=backend)
+    # angular: a per-row margin s * (cos(theta + m) - cos theta) that carries the gradient of cos theta
+    valid = targets != -100
+    cos = _row_dot(qn, kn[targets.clamp_min(0)]).clamp(-1.0, 1.0)
+    sin = torch.sqrt((1.0 - cos * cos).clamp_min(0.0)).clamp_min(1e-6)
+    psi = cos * math.cos(margin) - sin * math.sin(margin)
+    delta = torch.where(valid, scale * (psi - cos), torch.zeros_like(cos))
+    return info_nce(qn, kn, targets, scale=scale, margin=delta, reduction=reduction, backend=backend)
 
 
 def moco_loss(q, k_pos, queue, *, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):

@@ -105,13 +105,15 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
 
 
-def _tile_logits(spec, qb, kb, sb, bias, Y):
+def _tile_logits(spec, qb, kb, sb, bias, Y, mrow):
     sim = qb @ kb.T
     S = sb[:, None] * sim
     if bias is not None:
         S = S + bias
     if spec.margin:
         S = S + spec.margin * Y.to(S.dtype)
+    if mrow is not None:
+        S = S + mrow[:, None] * Y.to(S.dtype)
     return sim, S
 
 
@@ -142,7 +144,7 @@ def _tiles(n: int, m_all: int, device):
             yield r0, min(n, r0 + bs), c0, min(m_all, c0 + bs)
 
 
-def _torch_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k):
+def _torch_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
     n, m_all, m = q.shape[0], k_all.shape[0], spec.m_main
     acc = acc_dtype(q.dtype)
     dev = q.device
@@ -156,7 +158,8 @@ def _torch_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_
     for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
         Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
-        _, S = _tile_logits(spec, qb, k_all[c0:c1].to(acc), sb, bias, Y)
+        mrow = None if margin_rows is None else margin_rows[r0:r1]
+        _, S = _tile_logits(spec, qb, k_all[c0:c1].to(acc), sb, bias, Y, mrow)
         if want & _BIT["row_lse"]:
             row_m[r0:r1], row_s[r0:r1] = _merge(row_m[r0:r1], row_s[r0:r1],
                                                 S.masked_fill(~allowed, neg_inf), 1)
@@ -180,23 +183,25 @@ def _torch_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_
     return tuple(out)
 
 
-def _torch_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse,
-                    g_row, g_col, g_pos, g_colpos, g_sig, needs):
+def _torch_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse,
+                    col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
     n, m_all, m = q.shape[0], k_all.shape[0], spec.m_main
     acc = acc_dtype(q.dtype)
     dev = q.device
     neg_inf = float("-inf")
     want = spec.want
-    need_dq, need_dk, need_dscale, need_dbias = needs
+    need_dq, need_dk, need_dscale, need_dbias, need_dmargin = needs
     dq = torch.zeros(n, q.shape[1], dtype=acc, device=dev) if need_dq else None
     dk = torch.zeros(spec.grad_cols, q.shape[1], dtype=acc, device=dev) if need_dk else None
     dscale = torch.zeros(n, dtype=acc, device=dev) if need_dscale else None
     dbias = torch.zeros((), dtype=acc, device=dev) if need_dbias else None
+    dmargin = torch.zeros(n, dtype=acc, device=dev) if need_dmargin else None
     for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
         kb = k_all[c0:c1].to(acc)
         Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
-        sim, S = _tile_logits(spec, qb, kb, sb, bias, Y)
+        mrow = None if margin_rows is None else margin_rows[r0:r1]
+        sim, S = _tile_logits(spec, qb, kb, sb, bias, Y, mrow)
         Yf = Y.to(acc)
         dS = torch.zeros_like(S)
         if want & _BIT["row_lse"]:
@@ -216,35 +221,37 @@ def _torch_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels
             dscale[r0:r1] += (dS * sim).sum(1)
         if need_dbias:
             dbias += dS.sum()
+        if need_dmargin:
+            dmargin[r0:r1] += (dS * Yf).sum(1)
         dsim = dS * sb[:, None]
         if need_dq:
             dq[r0:r1] += dsim @ kb
         if need_dk and c0 < spec.grad_cols:
             g1 = min(c1, spec.grad_cols) - c0
             dk[c0:c0 + g1] += dsim[:, :g1].T @ qb
-    return dq, dk, dscale, dbias
+    return dq, dk, dscale, dbias, dmargin
 
 
 # ---------------------------------------------------------------------------------------------
 # native backend (cpu): tile GEMMs through torch, fused epilogues in csrc/cpu
 
 
-def _native_forward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k):
+def _native_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
     acc = acc_dtype(q.dtype)
     n = q.shape[0]
     sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
              "row_sigmoid": n}
     outs = [empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS]
     _native.ops().contrastive_lse_forward(
-        q, k_all, scale, bias, targets, labels_q, labels_k, spec.m_main, spec.exclude_self,
+        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, spec.m_main, spec.exclude_self,
         spec.exclude_positives, spec.margin, spec.sigmoid, spec.want, *outs, TILE or 0)
     return tuple(outs)
 
 
-def _native_backward(spec: Spec, q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse,
-                     g_row, g_col, g_pos, g_colpos, g_sig, needs):
+def _native_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse,
+                     col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
     outs = _native.ops().contrastive_lse_backward(
-        q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
+        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
         g_colpos, g_sig, spec.m_main, spec.grad_cols, spec.exclude_self, spec.exclude_positives,
         spec.margin, spec.sigmoid, spec.want, sum(1 << i for i, need in enumerate(needs) if need), TILE or 0)
     return tuple(o if need else None for o, need in zip(outs, needs))
@@ -280,18 +287,18 @@ def _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid
 
 @torch.library.custom_op("flashloss::contrastive_lse", mutates_args=())
 def _forward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
+                margin_rows: Optional[torch.Tensor], targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
                 labels_k: Optional[torch.Tensor], m_main: int, grad_cols: int, exclude_self: bool,
                 exclude_positives: bool, margin: float, sigmoid: bool, want: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor, torch.Tensor]:
     spec = _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
-    outs = _IMPLS[backend][0](spec, q, k_all, scale, bias, targets, labels_q, labels_k)
+    outs = _IMPLS[backend][0](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k)
     return tuple(outs)
 
 
 @_forward_op.register_fake
-def _(q, k_all, scale, bias, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
+def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
       exclude_positives, margin, sigmoid, want, backend):
     acc = acc_dtype(q.dtype)
     sizes = {"row_lse": q.shape[0], "col_lse": m_main, "pos_sum": q.shape[0], "pos_count": q.shape[0],
@@ -301,39 +308,38 @@ def _(q, k_all, scale, bias, targets, labels_q, labels_k, m_main, grad_cols, exc
 
 @torch.library.custom_op("flashloss::contrastive_lse_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
+                 margin_rows: Optional[torch.Tensor], targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
                  labels_k: Optional[torch.Tensor], row_lse: torch.Tensor, col_lse: torch.Tensor,
                  g_row: torch.Tensor, g_col: torch.Tensor, g_pos: torch.Tensor, g_colpos: torch.Tensor,
                  g_sig: torch.Tensor, m_main: int, grad_cols: int, exclude_self: bool,
                  exclude_positives: bool, margin: float, sigmoid: bool, want: int, needs: list[bool],
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
-    dq, dk, dscale, dbias = _IMPLS[backend][1](spec, q, k_all, scale, bias, targets, labels_q, labels_k,
-                                               row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig,
-                                               tuple(needs))
+    grads = _IMPLS[backend][1](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k,
+                               row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, tuple(needs))
     acc = acc_dtype(q.dtype)
-    return tuple(g if g is not None else q.new_zeros(0, dtype=acc) for g in (dq, dk, dscale, dbias))
+    return tuple(g if g is not None else q.new_zeros(0, dtype=acc) for g in grads)
 
 
 @_backward_op.register_fake
-def _(q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
+def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
       g_colpos, g_sig, m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want,
       needs, backend):
     acc = acc_dtype(q.dtype)
-    shapes = [(q.shape[0], q.shape[1]), (grad_cols, q.shape[1]), (q.shape[0],), ()]
+    shapes = [(q.shape[0], q.shape[1]), (grad_cols, q.shape[1]), (q.shape[0],), (), (q.shape[0],)]
     return tuple(q.new_empty(s if need else (0,), dtype=acc) for s, need in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k_all, scale, bias, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
+    (q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
      exclude_positives, margin, sigmoid, want, backend) = inputs
-    ctx.save_for_backward(q, k_all, scale, bias, targets, labels_q, labels_k, output[0], output[1])
+    ctx.save_for_backward(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, output[0], output[1])
     ctx.args = (m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
     ctx.backend = backend
 
 
 def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
-    q, k_all, scale, bias, targets, labels_q, labels_k, row_lse, col_lse = ctx.saved_tensors
+    q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse = ctx.saved_tensors
     m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want = ctx.args
     acc = acc_dtype(q.dtype)
 
@@ -344,14 +350,16 @@ def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
 
     n = q.shape[0]
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and grad_cols > 0,
-             ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
+             ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3],
+             margin_rows is not None and ctx.needs_input_grad[4]]
     sizes = [n if want & _BIT["row_lse"] else 0, m_main if want & _BIT["col_lse"] else 0,
              n if want & _BIT["pos_sum"] else 0, m_main if want & _BIT["col_pos_sum"] else 0,
              n if want & _BIT["row_sigmoid"] else 0]
     grads = [prep(g, s) for g, s in zip((g_row, g_col, g_pos, g_colpos, g_sig), sizes)]
-    dq, dk, dscale, dbias = _backward_op(q, k_all, scale, bias, targets, labels_q, labels_k, row_lse,
-                                         col_lse, *grads, m_main, grad_cols, exclude_self,
-                                         exclude_positives, margin, sigmoid, want, needs, ctx.backend)
+    dq, dk, dscale, dbias, dmargin = _backward_op(q, k_all, scale, bias, margin_rows, targets, labels_q,
+                                                  labels_k, row_lse, col_lse, *grads, m_main, grad_cols,
+                                                  exclude_self, exclude_positives, margin, sigmoid, want,
+                                                  needs, ctx.backend)
     if needs[1] and grad_cols < k_all.shape[0]:  # columns without gradient get zeros
         full = q.new_zeros(k_all.shape, dtype=acc)
         full[:grad_cols] = dk
@@ -360,6 +368,7 @@ def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
         dk = dk.to(k_all.dtype)
     return (dq.to(q.dtype) if needs[0] else None, dk if needs[1] else None,
             dscale.to(scale.dtype) if needs[2] else None, dbias.to(bias.dtype) if needs[3] else None,
+            dmargin.to(margin_rows.dtype) if needs[4] else None,
             None, None, None, None, None, None, None, None, None, None, None)
 
 
@@ -381,7 +390,7 @@ def contrastive_lse(
     labels_k: Optional[torch.Tensor] = None,
     exclude_self: bool = False,
     exclude_positives: bool = False,
-    margin: float = 0.0,
+    margin=0.0,
     extra_k: Optional[torch.Tensor | Sequence[torch.Tensor]] = None,
     outputs: Sequence[str] = ("row_lse", "pos_sum"),
     mode: str = "softmax",
@@ -392,6 +401,7 @@ def contrastive_lse(
     q [N, D], k [M, D] (same float dtype and device); scale: float, 0-d tensor or [N] tensor
     (learnable if it requires grad; must be > 0 when a Python float); bias: None, float or 0-d tensor.
     Positives from `targets` [N] (int64, -100 = ignored row) or `labels_q` [N] + `labels_k` [M].
+    `margin`: float, or a [N] tensor (per-row, differentiable) added to the positive logits.
     `extra_k`: a tensor [E, D] or a list of them, negative-only columns appended after k.
     `outputs`: any of row_lse, col_lse, pos_sum, pos_count, col_pos_sum, row_sigmoid (the last needs
     mode="sigmoid"). Returns a ContrastiveStats with None for the outputs not requested.
@@ -456,8 +466,14 @@ def contrastive_lse(
         labels_q, labels_k = labels_q.long(), labels_k.long()
     if exclude_positives and targets is None and labels_q is None:
         raise ValueError("exclude_positives needs targets or labels")
-    if not isinstance(margin, (int, float)):
-        raise TypeError(f"margin must be a float, got {type(margin).__name__}")
+    margin_rows = None
+    if isinstance(margin, torch.Tensor):  # per-row margin on the positives, learnable (AAM)
+        check_tensor("margin", margin, dim=1, dtypes=FLOAT_DTYPES, device=q.device)
+        if margin.shape[0] != n:
+            raise ValueError(f"margin must be a float or a [N={n}] tensor, got shape {tuple(margin.shape)}")
+        margin_rows, margin = margin.to(acc).contiguous(), 0.0
+    elif not isinstance(margin, (int, float)):
+        raise TypeError(f"margin must be a float or a [N] tensor, got {type(margin).__name__}")
 
     # columns: k, then extra blocks that need a gradient, then those that do not (no dK work)
     extras = [] if extra_k is None else ([extra_k] if isinstance(extra_k, torch.Tensor) else list(extra_k))
@@ -475,7 +491,7 @@ def contrastive_lse(
     for name in outputs:
         want |= _BIT[name]
     name = _backend.resolve(OP, backend, q.device)
-    res = _forward_op(q_c, k_c, scale_rows, bias, targets, labels_q, labels_k, m, grad_cols,
+    res = _forward_op(q_c, k_c, scale_rows, bias, margin_rows, targets, labels_q, labels_k, m, grad_cols,
                       bool(exclude_self), bool(exclude_positives), float(margin), mode == "sigmoid",
                       want, name)
     return ContrastiveStats(*(r if want & _BIT[o] else None for o, r in zip(OUTPUTS, res)))

@@ -60,7 +60,9 @@ def contrastive_lse(q, k, scale=1.0, bias=None, *, targets=None, labels_q=None, 
     Y, allowed, valid = contrastive_masks(n, k_all.shape[0], q.device, targets=targets, labels_q=labels_q,
                                           labels_k=labels_k, k_offset=0, m_main=m,
                                           exclude_self=exclude_self, exclude_positives=exclude_positives)
-    if margin:
+    if isinstance(margin, torch.Tensor):
+        S = S + margin.to(acc)[:, None] * Y.to(acc)
+    elif margin:
         S = S + margin * Y.to(acc)
     neg_inf = torch.full_like(S, float("-inf"))
     Yf = Y.to(acc)
