@@ -281,10 +281,6 @@ _register_native()
 # custom op + autograd
 
 
-def _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want) -> Spec:
-    return Spec(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
-
-
 @torch.library.custom_op("flashloss::contrastive_lse", mutates_args=())
 def _forward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                 margin_rows: Optional[torch.Tensor], targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
@@ -292,7 +288,7 @@ def _forward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias:
                 exclude_positives: bool, margin: float, sigmoid: bool, want: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor, torch.Tensor]:
-    spec = _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
+    spec = Spec(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
     outs = _IMPLS[backend][0](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k)
     return tuple(outs)
 
@@ -314,7 +310,7 @@ def _backward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias
                  g_sig: torch.Tensor, m_main: int, grad_cols: int, exclude_self: bool,
                  exclude_positives: bool, margin: float, sigmoid: bool, want: int, needs: list[bool],
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    spec = _spec_of(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
+    spec = Spec(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
     grads = _IMPLS[backend][1](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k,
                                row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, tuple(needs))
     acc = acc_dtype(q.dtype)
