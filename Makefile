@@ -52,11 +52,13 @@ pytest: install
 	$(PY) -m pytest tests -q
 
 # Standalone native build: C++ unit tests of csrc/core and csrc/cpu, and (when nvcc is found)
-# the csrc/cuda compile check for sm_80/sm_90a with the ptxas report in $(CMAKE_BUILD).
+# the csrc/cuda compile check for sm_80/sm_90a with the ptxas report in $(CMAKE_BUILD), and a
+# syntax check of the CUDA half of csrc/ops.cpp (cmake/check_cuda_glue.sh).
 ctest: $(VENV)/.deps
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(CMAKE_BUILD)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+	PY=$(PY) bash cmake/check_cuda_glue.sh build/cuda_glue
 
 bench: demo
 

@@ -16,7 +16,7 @@
 #include "cpu/contrastive_lse.h"
 #include "cpu/row_logsumexp.h"
 #ifdef FLASHLOSS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/row_logsumexp.h"
@@ -91,7 +91,7 @@ void row_logsumexp_forward_cuda(const at::Tensor& x, const at::Tensor& lse) {
   const c10::cuda::CUDAGuard guard(x.device());
   check_cuda(flashloss::cuda::row_logsumexp_forward(dtype_code(x), x.data_ptr(), x.size(0),
                                                     x.size(1), x.stride(0), lse.data_ptr(),
-                                                    at::cuda::getCurrentCUDAStream().stream()));
+                                                    c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 void row_logsumexp_backward_cuda(const at::Tensor& x, const at::Tensor& lse,
@@ -103,7 +103,7 @@ void row_logsumexp_backward_cuda(const at::Tensor& x, const at::Tensor& lse,
   const c10::cuda::CUDAGuard guard(x.device());
   check_cuda(flashloss::cuda::row_logsumexp_backward(
       dtype_code(x), x.data_ptr(), x.size(0), x.size(1), x.stride(0), lse.data_ptr(),
-      grad.data_ptr(), dx.data_ptr(), at::cuda::getCurrentCUDAStream().stream()));
+      grad.data_ptr(), dx.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
 }
 #endif
 
@@ -356,6 +356,6 @@ TORCH_LIBRARY_IMPL(flashloss_C, CUDA, m) {
 // `import flashloss._C` loads this shared object, which runs the registrations above. The module
 // itself exposes nothing: every entry point is reached through torch.ops.flashloss_C.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
