@@ -15,6 +15,9 @@ Tiling (FlashAttention-2 style, no N x M buffer, no atomics, deterministic):
 Saved for backward: the [N] / [M] LSEs. FLOPs: forward 2NMD (+2NMD for column stats), backward
 2NMD (dQ) + 2NMD (dK) + 2 x 2NMD recompute. Bytes: (N + M) D per pass.
 fp32 inputs use IEEE fp32 dots (tf32 is not accurate enough for the 1e-5 contract).
+Tiles: BM x BN autotuned on GPU over _TILE_CONFIGS (key N, M_ALL, D); BK = BD-chunk of D.
+Options: several positive columns per row (targets [N, P], loop over P) and a per-row
+hard-negative threshold (HAS_THR) are compile-time flags, so plain CLIP pays for neither.
 """
 from __future__ import annotations
 
@@ -272,6 +275,38 @@ def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr,
 # launchers (same contract as the other backends; see flashloss/ops/contrastive_lse.py)
 
 
+# Autotuned tile shapes on GPU (BM x BN similarity tiles, warps, pipeline stages); BK and BD follow
+# from D. Every config computes the same function (only the summation order differs) and each
+# kernel writes its outputs without accumulating, so the autotuner's repeated launches are
+# harmless. Under the interpreter (CPU tests) the fixed 16 x 16 tiles are used. The tuned choice
+# is cached per (N, M_ALL, D); FLASHLOSS_TRITON_AUTOTUNE=0 pins the 64 x 64 default.
+_TILE_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+                          (128, 64, 4, 3)]
+]
+_KEY = ["N", "M_ALL", "D"]
+_stats_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_stats_kernel)
+_dq_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_dq_kernel)
+_dk_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_dk_kernel)
+
+
+def _autotune() -> bool:
+    import os
+
+    return not _interpret() and os.environ.get("FLASHLOSS_TRITON_AUTOTUNE", "1") == "1"
+
+
+def _launch(plain, tuned, grid, args, kwargs):
+    """Runs `tuned` with a grid computed from the chosen BM / BN, or `plain` with the fixed tiles.
+    grid(bm, bn) gives the launch grid."""
+    if _autotune():
+        kw = {k: v for k, v in kwargs.items() if k not in ("BM", "BN")}
+        tuned[lambda meta: grid(meta["BM"], meta["BN"])](*args, **kw)
+    else:
+        plain[grid(kwargs["BM"], kwargs["BN"])](*args, **kwargs)
+
+
 def _blocks(d: int, device) -> tuple[int, int, int, int]:
     if _interpret():
         return 16, 16, 16, 16
@@ -308,7 +343,7 @@ def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_
     sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
              "row_sigmoid": n}
     outs = {o: empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS}
-    bm, bn, bk, _ = _blocks(d, q.device)
+    bm, bn, bk, _ = _blocks(d, q.device)  # BM / BN: the untuned tiles
     b = float(bias) if bias is not None else 0.0
     n_pos = targets.shape[1] if targets is not None and targets.dim() == 2 else 1
     common = dict(HAS_MROW=margin_rows is not None, HAS_THR=neg_threshold is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
@@ -323,24 +358,24 @@ def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_
     pos_buf = outs["pos_sum"] if outs["pos_sum"].numel() or not want_pos else torch.empty(n, dtype=acc, device=q.device)
     cnt_buf = outs["pos_count"] if outs["pos_count"].numel() or not want_pos else torch.empty(n, dtype=acc, device=q.device)
     if n and want_row:
-        _stats_kernel[(triton.cdiv(n, bm),)](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
-            outs["row_lse"] if outs["row_lse"].numel() else dummy,
-            pos_buf if pos_buf.numel() else dummy,
-            cnt_buf if cnt_buf.numel() else dummy,
-            outs["row_sigmoid"] if outs["row_sigmoid"].numel() else dummy,
-            n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0), AXIS=0,
-            WANT_LSE=bool(spec.want & _BIT["row_lse"]),
-            WANT_POS=want_pos, WANT_SIG=spec.sigmoid, **common)
+        _launch(_stats_kernel, _stats_tuned, lambda bm_, bn_: (triton.cdiv(n, bm_),),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
+                 outs["row_lse"] if outs["row_lse"].numel() else dummy,
+                 pos_buf if pos_buf.numel() else dummy,
+                 cnt_buf if cnt_buf.numel() else dummy,
+                 outs["row_sigmoid"] if outs["row_sigmoid"].numel() else dummy,
+                 n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)),
+                dict(AXIS=0, WANT_LSE=bool(spec.want & _BIT["row_lse"]), WANT_POS=want_pos, WANT_SIG=spec.sigmoid,
+                     **common))
     want_col = bool(spec.want & (_BIT["col_lse"] | _BIT["col_pos_sum"]))
     if spec.m_main and want_col:
-        _stats_kernel[(triton.cdiv(spec.m_main, bn),)](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
-            outs["col_lse"] if outs["col_lse"].numel() else dummy,
-            outs["col_pos_sum"] if outs["col_pos_sum"].numel() else dummy, dummy, dummy,
-            n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0), AXIS=1,
-            WANT_LSE=bool(spec.want & _BIT["col_lse"]), WANT_POS=bool(spec.want & _BIT["col_pos_sum"]),
-            WANT_SIG=False, **common)
+        _launch(_stats_kernel, _stats_tuned, lambda bm_, bn_: (triton.cdiv(spec.m_main, bn_),),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
+                 outs["col_lse"] if outs["col_lse"].numel() else dummy,
+                 outs["col_pos_sum"] if outs["col_pos_sum"].numel() else dummy, dummy, dummy,
+                 n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)),
+                dict(AXIS=1, WANT_LSE=bool(spec.want & _BIT["col_lse"]),
+                     WANT_POS=bool(spec.want & _BIT["col_pos_sum"]), WANT_SIG=False, **common))
     return tuple(outs[o] for o in OUTPUTS)
 
 
@@ -375,9 +410,9 @@ def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels
         dscale_buf = empty(n, dtype=acc, device=q.device)
         dbias_rows = empty(n, dtype=acc, device=q.device)
         dmargin_buf = empty(n, dtype=acc, device=q.device)
-        _dq_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bd))](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dq_buf, dscale_buf, dbias_rows,
-            dmargin_buf, n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0), **flags)
+        _launch(_dq_kernel, _dq_tuned, lambda bm_, bn_: (triton.cdiv(n, bm_), triton.cdiv(d, bd)),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dq_buf, dscale_buf, dbias_rows,
+                 dmargin_buf, n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)), flags)
         dq = dq_buf if need_dq else None
         dscale = dscale_buf if need_dscale else None
         dbias = dbias_rows.sum() if need_dbias else None
@@ -390,9 +425,9 @@ def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels
     if need_dk and spec.grad_cols:
         dk = empty(spec.grad_cols, d, dtype=acc, device=q.device)
         if n:
-            _dk_kernel[(triton.cdiv(spec.grad_cols, bn), triton.cdiv(d, bd))](
-                q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dk,
-                n, m_all, spec.m_main, spec.grad_cols, d, n_pos, q.stride(0), k_all.stride(0), **flags)
+            _launch(_dk_kernel, _dk_tuned, lambda bm_, bn_: (triton.cdiv(spec.grad_cols, bn_), triton.cdiv(d, bd)),
+                    (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dk,
+                     n, m_all, spec.m_main, spec.grad_cols, d, n_pos, q.stride(0), k_all.stride(0)), flags)
         else:
             dk.zero_()
     return dq, dk, dscale, dbias, dmargin
