@@ -143,6 +143,26 @@ def _clip_open_clip():
     return lambda img, txt, scale: loss(img, txt, scale)
 
 
+def _clip_inf_cl():
+    """Inf-CL (DAMO-NLP-SG/Inf-CLIP): `cal_inf_loss(q, k, labels, scale)` is one direction's mean
+    cross-entropy (Triton, CUDA only, head_dim tiles of 256); CLIP averages both directions."""
+    from inf_cl import cal_inf_loss
+
+    def fn(img, txt, scale):
+        return 0.5 * (cal_inf_loss(img, txt, scale=scale) + cal_inf_loss(txt, img, scale=scale))
+
+    return fn
+
+
+def _cuda_and(check):
+    def both(device: str) -> tuple[bool, str]:
+        if device != "cuda":
+            return False, "runs on CUDA only"
+        return check(device)
+
+    return both
+
+
 def _clip_flashloss(backend: str):
     def make():
         from ..contrastive import clip_loss
@@ -170,7 +190,7 @@ register_case(BenchCase(
         Impl("naive", "naive", _clip_setup(_clip_naive), estimate_bytes=_square_bytes(5)),
         Impl("open_clip", "peer", _clip_setup(_clip_open_clip), _installed("open_clip", "open_clip_torch"),
              estimate_bytes=_square_bytes(5)),
-        Impl("inf_cl", "peer", _clip_setup(lambda: None), _installed("inf_cl", "Inf-CL (inf_cl, CUDA only)")),
+        Impl("inf_cl", "peer", _clip_setup(_clip_inf_cl), _cuda_and(_installed("inf_cl", "Inf-CL (inf_cl)"))),
     ] + [
         Impl(f"flashloss[{b}]", "flashloss", _clip_setup(_clip_flashloss(b)), flashloss_available(b))
         for b in FLASHLOSS_BACKENDS
