@@ -123,13 +123,15 @@ int64_t block_rows(int64_t m_all, int64_t requested) {
 }
 
 struct Prepared {
-  at::Tensor q, k, scale, margin_rows, targets, valid, labels_q, labels_k;
+  at::Tensor q, k, scale, margin_rows, targets, valid, labels_q, labels_k, neg_threshold;
+  int64_t targets_per_row = 1;
 };
 
 // Dense int32 label ids (labels may be any int64 values); extra columns get -1 (never positive).
 Prepared prepare(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
                  const std::optional<at::Tensor>& margin_rows, const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
-                 const std::optional<at::Tensor>& labels_k, int64_t m_main) {
+                 const std::optional<at::Tensor>& labels_k, const std::optional<at::Tensor>& neg_threshold,
+                 int64_t m_main) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Prepared p;
   p.q = q.to(acc).contiguous();
@@ -138,10 +140,15 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor&
   if (margin_rows.has_value()) p.margin_rows = margin_rows->to(acc).contiguous();
   const int64_t n = q.size(0), m_all = k_all.size(0);
   auto i32 = q.options().dtype(at::kInt);
+  if (neg_threshold.has_value()) p.neg_threshold = neg_threshold->to(acc).contiguous();
   if (targets.has_value()) {
+    // [N] (-100 = ignored row) or [N, P] (negative entries = padding); a row is valid (takes part
+    // in column statistics) when it lists at least one positive
     const auto& t = *targets;
-    p.targets = at::where(t == -100, at::full_like(t, -1), t).to(at::kInt).contiguous();
-    p.valid = (t != -100).to(at::kByte).contiguous();
+    TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "flashloss: targets must be [N] or [N, P]");
+    p.targets = at::where(t < 0, at::full_like(t, -1), t).to(at::kInt).contiguous();
+    p.targets_per_row = t.dim() == 2 ? t.size(1) : 1;
+    p.valid = (t.dim() == 2 ? (t >= 0).any(1) : (t != -100)).to(at::kByte).contiguous();
   } else {
     p.valid = at::ones({n}, q.options().dtype(at::kByte));
   }
@@ -168,6 +175,8 @@ flashloss::cpu::ContrastiveProblem<T> problem(const Prepared& pr, const std::opt
   p.margin = static_cast<T>(margin);
   p.margin_rows = pr.margin_rows.defined() ? pr.margin_rows.data_ptr<T>() : nullptr;
   p.targets = pr.targets.defined() ? pr.targets.data_ptr<int32_t>() : nullptr;
+  p.targets_per_row = pr.targets_per_row;
+  p.neg_threshold = pr.neg_threshold.defined() ? pr.neg_threshold.data_ptr<T>() : nullptr;
   p.valid = pr.valid.data_ptr<uint8_t>();
   p.labels_q = pr.labels_q.defined() ? pr.labels_q.data_ptr<int32_t>() : nullptr;
   p.labels_k = pr.labels_k.defined() ? pr.labels_k.data_ptr<int32_t>() : nullptr;
@@ -222,7 +231,8 @@ void contrastive_lse_forward_cpu(const at::Tensor& q, const at::Tensor& k_all, c
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& margin_rows,
                                  const std::optional<at::Tensor>& targets,
                                  const std::optional<at::Tensor>& labels_q,
-                                 const std::optional<at::Tensor>& labels_k, int64_t m_main, bool exclude_self,
+                                 const std::optional<at::Tensor>& labels_k,
+                                 const std::optional<at::Tensor>& neg_threshold, int64_t m_main, bool exclude_self,
                                  bool exclude_positives, double margin, bool sigmoid, int64_t want,
                                  const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& pos_sum,
                                  const at::Tensor& pos_count, const at::Tensor& col_pos_sum,
@@ -230,7 +240,7 @@ void contrastive_lse_forward_cpu(const at::Tensor& q, const at::Tensor& k_all, c
   (void)want;  // which outputs: given by which out tensors are non-empty
   TORCH_CHECK(q.dim() == 2 && k_all.dim() == 2 && q.size(1) == k_all.size(1), "flashloss: q [N,D], k [M,D]");
   TORCH_CHECK(m_main >= 0 && m_main <= k_all.size(0), "flashloss: m_main out of range");
-  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, m_main);
+  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, neg_threshold, m_main);
   const auto acc = pr.q.scalar_type();
   const int64_t n = q.size(0);
   check_out(row_lse, n, acc, "row_lse");
@@ -300,7 +310,8 @@ std::vector<at::Tensor> contrastive_lse_backward_cpu(
     const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& margin_rows, const std::optional<at::Tensor>& targets,
     const std::optional<at::Tensor>& labels_q,
-    const std::optional<at::Tensor>& labels_k, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const std::optional<at::Tensor>& labels_k, const std::optional<at::Tensor>& neg_threshold,
+    const at::Tensor& row_lse, const at::Tensor& col_lse,
     const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& g_pos, const at::Tensor& g_colpos,
     const at::Tensor& g_sig, int64_t m_main, int64_t grad_cols, bool exclude_self, bool exclude_positives,
     double margin, bool sigmoid, int64_t want, int64_t needs_bits, int64_t block) {
@@ -308,7 +319,7 @@ std::vector<at::Tensor> contrastive_lse_backward_cpu(
   // which gradients are wanted: bit 0 dq, 1 dk, 2 dscale, 3 dbias, 4 dmargin
   const std::vector<bool> needs = {bool(needs_bits & 1), bool(needs_bits & 2), bool(needs_bits & 4),
                                    bool(needs_bits & 8), bool(needs_bits & 16)};
-  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, m_main);
+  const auto pr = prepare(q, k_all, scale, margin_rows, targets, labels_q, labels_k, neg_threshold, m_main);
   if (pr.q.scalar_type() == at::kDouble)
     return contrastive_backward_impl<double>(
         pr, problem<double>(pr, bias, m_main, exclude_self, exclude_positives, margin, sigmoid), row_lse, col_lse,
@@ -325,8 +336,8 @@ std::vector<at::Tensor> contrastive_lse_backward_cpu(
 // gradients in stat_dtype. block_rows is ignored (the kernels have fixed tiles).
 
 struct CudaContrastive {
-  Prepared pr;            // positive structure (int32 ids, valid rows), scale and margins in acc
-  at::Tensor q, k, bias, neg_threshold;
+  Prepared pr;  // positive structure (int32 ids, valid rows), scale, margins and threshold in acc
+  at::Tensor q, k, bias;
   flashloss::cuda::ContrastiveArgs args;
 };
 
@@ -350,7 +361,8 @@ CudaContrastive cuda_contrastive(const at::Tensor& q, const at::Tensor& k_all, c
   c.k = k_all.contiguous();
   // prepare() also converts q and k to acc, which the CUDA kernels do not want (they read the
   // input dtype): zero-width views make that conversion free.
-  c.pr = prepare(c.q.narrow(1, 0, 0), c.k.narrow(1, 0, 0), scale, margin_rows, targets, labels_q, labels_k, m_main);
+  c.pr = prepare(c.q.narrow(1, 0, 0), c.k.narrow(1, 0, 0), scale, margin_rows, targets, labels_q, labels_k,
+                 neg_threshold, m_main);
   TORCH_CHECK(c.pr.scale.numel() == n, "flashloss: scale must have N elements");
   TORCH_CHECK(c.pr.valid.numel() == n, "flashloss: one valid flag per row expected from prepare()");
   if (c.pr.margin_rows.defined())
@@ -359,11 +371,9 @@ CudaContrastive cuda_contrastive(const at::Tensor& q, const at::Tensor& k_all, c
     TORCH_CHECK(bias->numel() == 1 && bias->device() == q.device(), "flashloss: bias must be one element on ", q.device());
     c.bias = bias->to(acc).contiguous();
   }
-  if (neg_threshold.has_value()) {
-    TORCH_CHECK(neg_threshold->numel() == n && neg_threshold->device() == q.device(),
+  if (c.pr.neg_threshold.defined())
+    TORCH_CHECK(c.pr.neg_threshold.numel() == n && c.pr.neg_threshold.device() == q.device(),
                 "flashloss: neg_threshold must be a [N] tensor on ", q.device());
-    c.neg_threshold = neg_threshold->to(acc).contiguous();
-  }
   auto& a = c.args;
   a.dtype = dtype_code(q);
   a.q = c.q.data_ptr();
@@ -377,11 +387,11 @@ CudaContrastive cuda_contrastive(const at::Tensor& q, const at::Tensor& k_all, c
   a.margin = margin;
   a.margin_rows = c.pr.margin_rows.defined() ? c.pr.margin_rows.data_ptr() : nullptr;
   a.targets = c.pr.targets.defined() ? c.pr.targets.data_ptr<int32_t>() : nullptr;
-  a.targets_per_row = c.pr.targets.defined() ? (c.pr.targets.dim() == 2 ? c.pr.targets.size(1) : 1) : 0;
+  a.targets_per_row = c.pr.targets.defined() ? c.pr.targets_per_row : 0;
   a.valid = c.pr.valid.data_ptr<uint8_t>();
   a.labels_q = c.pr.labels_q.defined() ? c.pr.labels_q.data_ptr<int32_t>() : nullptr;
   a.labels_k = c.pr.labels_k.defined() ? c.pr.labels_k.data_ptr<int32_t>() : nullptr;
-  a.neg_threshold = c.neg_threshold.defined() ? c.neg_threshold.data_ptr() : nullptr;
+  a.neg_threshold = c.pr.neg_threshold.defined() ? c.pr.neg_threshold.data_ptr() : nullptr;
   a.exclude_self = exclude_self;
   a.exclude_positives = exclude_positives;
   a.sigmoid = sigmoid;
@@ -496,11 +506,11 @@ TORCH_LIBRARY(flashloss_C, m) {
   m.def("row_logsumexp_forward(Tensor x, Tensor(a!) lse) -> ()");
   m.def("row_logsumexp_backward(Tensor x, Tensor lse, Tensor grad, Tensor(a!) dx) -> ()");
   m.def("contrastive_lse_forward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? margin_rows, Tensor? targets, "
-        "Tensor? labels_q, Tensor? labels_k, int m_main, bool exclude_self, bool exclude_positives, "
+        "Tensor? labels_q, Tensor? labels_k, Tensor? neg_threshold, int m_main, bool exclude_self, bool exclude_positives, "
         "float margin, bool sigmoid, int want, Tensor(a!) row_lse, Tensor(b!) col_lse, Tensor(c!) pos_sum, "
         "Tensor(d!) pos_count, Tensor(e!) col_pos_sum, Tensor(f!) row_sigmoid, int block_rows) -> ()");
   m.def("contrastive_lse_backward(Tensor q, Tensor k_all, Tensor scale, Tensor? bias, Tensor? margin_rows, Tensor? targets, "
-        "Tensor? labels_q, Tensor? labels_k, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
+        "Tensor? labels_q, Tensor? labels_k, Tensor? neg_threshold, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
         "Tensor g_pos, Tensor g_colpos, Tensor g_sig, int m_main, int grad_cols, bool exclude_self, "
         "bool exclude_positives, float margin, bool sigmoid, int want, int needs, int block_rows) -> Tensor[]");
 }

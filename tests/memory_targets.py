@@ -58,3 +58,28 @@ def clip_fwd_bwd(n: int, backend: str, d: int = 64):
         return torch.autograd.grad(loss, (img, txt, scale))
 
     return run
+
+
+def distill_clip_fwd_bwd(n: int, backend: str, d: int = 64, d_teacher: int = 96):
+    """open_clip DistillClipLoss forward+backward: flashloss, or open_clip's dense module."""
+    import torch.nn.functional as F
+
+    import flashloss
+
+    img = F.normalize(torch.randn(n, d), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(n, d), dim=-1).requires_grad_(True)
+    t_img = F.normalize(torch.randn(n, d_teacher), dim=-1)
+    t_txt = F.normalize(torch.randn(n, d_teacher), dim=-1)
+    scale = torch.tensor(10.0, requires_grad=True)
+    if backend == "naive":
+        from flashloss.benchmark.anchors import open_clip_loss_module
+
+        module = open_clip_loss_module().DistillClipLoss()
+    else:
+        module = flashloss.DistillClipLoss(backend=backend)
+
+    def run():
+        c, dl = module(img, txt, scale, t_img, t_txt, torch.tensor(20.0))
+        return torch.autograd.grad(c + dl, (img, txt, scale))
+
+    return run

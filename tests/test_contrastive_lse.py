@@ -39,6 +39,10 @@ CONFIGS = {
     "per_row_scale": dict(positives="targets", row_scale=True),
     "sigmoid": dict(positives="targets", mode="sigmoid"),
     "no_positives": dict(positives=None),
+    "multi_targets": dict(positives="multi"),
+    "multi_targets_exclude_positives": dict(positives="multi", exclude_positives=True, margin=0.3),
+    "neg_threshold": dict(positives="targets", ignore=True, threshold=True),
+    "neg_threshold_labels_sigmoid": dict(positives="labels", threshold=True, mode="sigmoid"),
 }
 
 
@@ -61,9 +65,16 @@ def build(cfg, n, m, d, seed=0):
         if cfg.get("ignore"):
             t[::3] = -100
         kw["targets"] = t
+    elif cfg["positives"] == "multi":  # up to 3 positives per row, -1 padding, some rows with none
+        t = torch.randint(0, m, (n, 3), generator=gen)
+        t[torch.rand(n, 3, generator=gen) < 0.4] = -1
+        t[::4] = -1
+        kw["targets"] = t
     elif cfg["positives"] == "labels":
         kw["labels_q"] = _labels(n, 3, gen)
         kw["labels_k"] = kw["labels_q"].clone() if same else _labels(m, 3, gen)
+    if cfg.get("threshold"):  # keeps about half of the negatives of each row
+        kw["neg_threshold"] = (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5) * 2.5 * d ** 0.5
     outs = SOFTMAX_OUTS + (("row_sigmoid",) if kw["mode"] == "sigmoid" else ())
     if cfg.get("positives") is None:
         outs = ("row_lse", "col_lse")
@@ -214,6 +225,13 @@ def test_compile_fullgraph():
         (dict(targets=torch.tensor([0, 1, 9])), IndexError, r"targets must be in \[0, 5\)"),
         (dict(targets=torch.tensor([0, 1])), ValueError, "targets must have shape"),
         (dict(targets=torch.tensor([0.0, 1.0, 2.0])), TypeError, "targets must have dtype"),
+        (dict(targets=torch.tensor([[0, -1], [1, 5], [2, -100]])), IndexError, r"targets must be in \[0, 5\) or -1"),
+        (dict(targets=torch.tensor([[0, -2], [1, 2], [2, 3]])), IndexError, "got -2"),
+        (dict(targets=torch.tensor([0, -1, 2])), IndexError, r"or -100 \(ignored\); got -1"),
+        (dict(targets=torch.zeros(3, 2, 2, dtype=torch.long)), ValueError, "targets must be 1-D or 2-D"),
+        (dict(neg_threshold=torch.zeros(4)), ValueError, r"neg_threshold must be a float or a \[N=3\]"),
+        (dict(neg_threshold=torch.zeros(3, dtype=torch.long)), TypeError, "neg_threshold must have dtype"),
+        (dict(neg_threshold=torch.zeros(3, device="meta")), ValueError, "neg_threshold must be on device cpu"),
         (dict(labels_q=torch.tensor([0, 1, 1]), labels_k=torch.tensor([0, 1])), ValueError, "labels_k must have shape"),
         (dict(labels_q=torch.tensor([0, 1, 1])), ValueError, "go together"),
         (dict(scale=-1.0), ValueError, "scale must be > 0"),
@@ -250,7 +268,8 @@ def test_triton_is_deterministic_without_atomics():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["targets", "labels_exclude_self", "sigmoid", "row_margin"])
+@pytest.mark.parametrize("config", ["targets", "labels_exclude_self", "sigmoid", "row_margin",
+                                    "multi_targets_exclude_positives", "neg_threshold_labels_sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_is_deterministic_without_atomics(config, dtype):
     """Two runs give bitwise-equal statistics and gradients (no atomics; dbias reduced in a fixed order)."""

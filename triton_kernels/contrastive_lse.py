@@ -15,6 +15,9 @@ Tiling (FlashAttention-2 style, no N x M buffer, no atomics, deterministic):
 Saved for backward: the [N] / [M] LSEs. FLOPs: forward 2NMD (+2NMD for column stats), backward
 2NMD (dQ) + 2NMD (dK) + 2 x 2NMD recompute. Bytes: (N + M) D per pass.
 fp32 inputs use IEEE fp32 dots (tf32 is not accurate enough for the 1e-5 contract).
+Tiles: BM x BN autotuned on GPU over _TILE_CONFIGS (key N, M_ALL, D); BK = BD-chunk of D.
+Options: several positive columns per row (targets [N, P], loop over P) and a per-row
+hard-negative threshold (HAS_THR) are compile-time flags, so plain CLIP pays for neither.
 """
 from __future__ import annotations
 
@@ -34,10 +37,10 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, rows, cols, N, M_ALL,
-          M_MAIN, D, stride_q, stride_k, HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
-          EXCL_POS: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
-          UPCAST: tl.constexpr):
+def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, thr_ptr, rows, cols, N, M_ALL,
+          M_MAIN, D, P, stride_q, stride_k, HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr,
+          HAS_THR: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr, BK: tl.constexpr,
+          IEEE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """sim, S, positives Y, allowed mask and row validity of the tile rows x cols."""
     rmask = rows < N
     cmask = cols < M_ALL
@@ -57,10 +60,14 @@ def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_p
     S = sc[:, None] * sim + bias
     main = cols < M_MAIN
     valid = rmask
-    if HAS_TGT:
-        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    if HAS_TGT:  # P positive columns per row, -1 = padding
+        t = tl.load(tgt_ptr + rows * P, mask=rmask, other=-1)
         valid = rmask & (t >= 0)
         Y = (cols[None, :] == t[:, None]) & cmask[None, :]
+        for p in range(1, P):
+            t = tl.load(tgt_ptr + rows * P + p, mask=rmask, other=-1)
+            valid = valid | (rmask & (t >= 0))
+            Y = Y | ((cols[None, :] == t[:, None]) & cmask[None, :])
     elif HAS_LAB:
         lqv = tl.load(lq_ptr + rows, mask=rmask, other=-2)
         lkv = tl.load(lk_ptr + cols, mask=cmask, other=-3)
@@ -74,6 +81,9 @@ def _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_p
         Y = Y & (self_pair == 0)
     if EXCL_POS:
         allowed = allowed & (Y == 0)
+    if HAS_THR:  # hard-negative mask on the logit before the margin
+        thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        allowed = allowed & (Y | (S >= thr[:, None]))
     mg = tl.zeros([rows.shape[0]], ACC) + margin
     if HAS_MROW:
         mg += tl.load(mrow_ptr + rows, mask=rmask, other=0.0).to(ACC)
@@ -93,9 +103,9 @@ def _softplus(x):
 
 
 @triton.jit
-def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
-                  lse_ptr, pos_ptr, cnt_ptr, sig_ptr, N, M_ALL, M_MAIN, D, stride_q, stride_k,
-                  AXIS: tl.constexpr, HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
+def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, thr_ptr,
+                  lse_ptr, pos_ptr, cnt_ptr, sig_ptr, N, M_ALL, M_MAIN, D, P, stride_q, stride_k,
+                  AXIS: tl.constexpr, HAS_MROW: tl.constexpr, HAS_THR: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr,
                   EXCL_POS: tl.constexpr, WANT_LSE: tl.constexpr, WANT_POS: tl.constexpr,
                   WANT_SIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   IEEE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
@@ -122,8 +132,8 @@ def _stats_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_p
             rows = o0 + tl.arange(0, BM)
             cols = own
         sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
-                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
-                                          EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
+                                          thr_ptr, rows, cols, N, M_ALL, M_MAIN, D, P, stride_q, stride_k, HAS_MROW,
+                                          HAS_TGT, HAS_LAB, HAS_THR, EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         if AXIS == 1:
             allowed = allowed & valid[:, None] & (cols < M_MAIN)[None, :]
         Sm = tl.where(allowed, S, NEG_INF)
@@ -188,10 +198,10 @@ def _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr,
+def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, thr_ptr, row_lse_ptr,
                col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dq_ptr, dscale_ptr,
-               dbias_ptr, dmargin_ptr, N, M_ALL, M_MAIN, D, stride_q, stride_k,
-               HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
+               dbias_ptr, dmargin_ptr, N, M_ALL, M_MAIN, D, P, stride_q, stride_k,
+               HAS_MROW: tl.constexpr, HAS_THR: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
                WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr, WANT_POS: tl.constexpr,
                WANT_COLPOS: tl.constexpr, WANT_SIG: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -207,8 +217,8 @@ def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr,
     for c0 in range(0, M_ALL, BN):
         cols = c0 + tl.arange(0, BN)
         sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
-                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
-                                          EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
+                                          thr_ptr, rows, cols, N, M_ALL, M_MAIN, D, P, stride_q, stride_k, HAS_MROW,
+                                          HAS_TGT, HAS_LAB, HAS_THR, EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         dS = _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                  g_pos_ptr, g_colpos_ptr, g_sig_ptr, WANT_ROW, WANT_COL, WANT_POS, WANT_COLPOS, WANT_SIG, ACC)
         dscale += tl.sum(dS * sim, axis=1)
@@ -230,10 +240,10 @@ def _dq_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr,
 
 
 @triton.jit
-def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, row_lse_ptr,
+def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr, thr_ptr, row_lse_ptr,
                col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr, g_colpos_ptr, g_sig_ptr, dk_ptr,
-               N, M_ALL, M_MAIN, GRAD_COLS, D, stride_q, stride_k,
-               HAS_MROW: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
+               N, M_ALL, M_MAIN, GRAD_COLS, D, P, stride_q, stride_k,
+               HAS_MROW: tl.constexpr, HAS_THR: tl.constexpr, HAS_TGT: tl.constexpr, HAS_LAB: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_POS: tl.constexpr,
                WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr, WANT_POS: tl.constexpr,
                WANT_COLPOS: tl.constexpr, WANT_SIG: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -245,8 +255,8 @@ def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr,
         rows = r0 + tl.arange(0, BM)
         rmask = rows < N
         sim, S, Y, allowed, valid = _tile(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr, lk_ptr,
-                                          rows, cols, N, M_ALL, M_MAIN, D, stride_q, stride_k, HAS_MROW, HAS_TGT, HAS_LAB,
-                                          EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
+                                          thr_ptr, rows, cols, N, M_ALL, M_MAIN, D, P, stride_q, stride_k, HAS_MROW,
+                                          HAS_TGT, HAS_LAB, HAS_THR, EXCL_SELF, EXCL_POS, BK, IEEE, ACC, UPCAST)
         dS = _dS(S, Y, allowed, valid, rows, cols, N, M_MAIN, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                  g_pos_ptr, g_colpos_ptr, g_sig_ptr, WANT_ROW, WANT_COL, WANT_POS, WANT_COLPOS, WANT_SIG, ACC)
         sc = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(ACC)
@@ -265,6 +275,38 @@ def _dk_kernel(q_ptr, k_ptr, scale_ptr, bias, margin, mrow_ptr, tgt_ptr, lq_ptr,
 # launchers (same contract as the other backends; see flashloss/ops/contrastive_lse.py)
 
 
+# Autotuned tile shapes on GPU (BM x BN similarity tiles, warps, pipeline stages); BK and BD follow
+# from D. Every config computes the same function (only the summation order differs) and each
+# kernel writes its outputs without accumulating, so the autotuner's repeated launches are
+# harmless. Under the interpreter (CPU tests) the fixed 16 x 16 tiles are used. The tuned choice
+# is cached per (N, M_ALL, D); FLASHLOSS_TRITON_AUTOTUNE=0 pins the 64 x 64 default.
+_TILE_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+                          (128, 64, 4, 3)]
+]
+_KEY = ["N", "M_ALL", "D"]
+_stats_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_stats_kernel)
+_dq_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_dq_kernel)
+_dk_tuned = triton.autotune(configs=_TILE_CONFIGS, key=_KEY)(_dk_kernel)
+
+
+def _autotune() -> bool:
+    import os
+
+    return not _interpret() and os.environ.get("FLASHLOSS_TRITON_AUTOTUNE", "1") == "1"
+
+
+def _launch(plain, tuned, grid, args, kwargs):
+    """Runs `tuned` with a grid computed from the chosen BM / BN, or `plain` with the fixed tiles.
+    grid(bm, bn) gives the launch grid."""
+    if _autotune():
+        kw = {k: v for k, v in kwargs.items() if k not in ("BM", "BN")}
+        tuned[lambda meta: grid(meta["BM"], meta["BN"])](*args, **kw)
+    else:
+        plain[grid(kwargs["BM"], kwargs["BN"])](*args, **kwargs)
+
+
 def _blocks(d: int, device) -> tuple[int, int, int, int]:
     if _interpret():
         return 16, 16, 16, 16
@@ -277,7 +319,7 @@ def _prepare(q, targets, labels_q, labels_k, m_all, m_main):
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     tgt = lq = lk = dummy_i
     if targets is not None:
-        tgt = torch.where(targets == -100, torch.full_like(targets, -1), targets).to(torch.int32).contiguous()
+        tgt = torch.where(targets < 0, torch.full_like(targets, -1), targets).to(torch.int32).contiguous()
     if labels_q is not None:
         _, inverse = torch.unique(torch.cat([labels_q, labels_k]), return_inverse=True)
         inverse = inverse.to(torch.int32)
@@ -291,7 +333,7 @@ def _acc(q):
     return tl.float64 if q.dtype == torch.float64 else tl.float32
 
 
-def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
+def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold):
     from flashloss.ops.contrastive_lse import OUTPUTS, _BIT, acc_dtype
 
     n, d = q.shape
@@ -301,42 +343,44 @@ def forward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_
     sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
              "row_sigmoid": n}
     outs = {o: empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS}
-    bm, bn, bk, _ = _blocks(d, q.device)
+    bm, bn, bk, _ = _blocks(d, q.device)  # BM / BN: the untuned tiles
     b = float(bias) if bias is not None else 0.0
-    common = dict(HAS_MROW=margin_rows is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
+    n_pos = targets.shape[1] if targets is not None and targets.dim() == 2 else 1
+    common = dict(HAS_MROW=margin_rows is not None, HAS_THR=neg_threshold is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
                   EXCL_POS=spec.exclude_positives, BM=bm, BN=bn, BK=bk, IEEE=q.dtype == torch.float32,
                   ACC=_acc(q), UPCAST=_interpret())
     dummy = torch.zeros(1, dtype=acc, device=q.device)
     mrow = margin_rows if margin_rows is not None else dummy
+    thr = neg_threshold if neg_threshold is not None else dummy
     want_row = bool(spec.want & (_BIT["row_lse"] | _BIT["pos_sum"] | _BIT["pos_count"] | _BIT["row_sigmoid"]))
     want_pos = bool(spec.want & (_BIT["pos_sum"] | _BIT["pos_count"]))
     # the kernel writes positive sums and counts together: scratch for the one not requested
     pos_buf = outs["pos_sum"] if outs["pos_sum"].numel() or not want_pos else torch.empty(n, dtype=acc, device=q.device)
     cnt_buf = outs["pos_count"] if outs["pos_count"].numel() or not want_pos else torch.empty(n, dtype=acc, device=q.device)
     if n and want_row:
-        _stats_kernel[(triton.cdiv(n, bm),)](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk,
-            outs["row_lse"] if outs["row_lse"].numel() else dummy,
-            pos_buf if pos_buf.numel() else dummy,
-            cnt_buf if cnt_buf.numel() else dummy,
-            outs["row_sigmoid"] if outs["row_sigmoid"].numel() else dummy,
-            n, m_all, spec.m_main, d, q.stride(0), k_all.stride(0), AXIS=0,
-            WANT_LSE=bool(spec.want & _BIT["row_lse"]),
-            WANT_POS=want_pos, WANT_SIG=spec.sigmoid, **common)
+        _launch(_stats_kernel, _stats_tuned, lambda bm_, bn_: (triton.cdiv(n, bm_),),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
+                 outs["row_lse"] if outs["row_lse"].numel() else dummy,
+                 pos_buf if pos_buf.numel() else dummy,
+                 cnt_buf if cnt_buf.numel() else dummy,
+                 outs["row_sigmoid"] if outs["row_sigmoid"].numel() else dummy,
+                 n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)),
+                dict(AXIS=0, WANT_LSE=bool(spec.want & _BIT["row_lse"]), WANT_POS=want_pos, WANT_SIG=spec.sigmoid,
+                     **common))
     want_col = bool(spec.want & (_BIT["col_lse"] | _BIT["col_pos_sum"]))
     if spec.m_main and want_col:
-        _stats_kernel[(triton.cdiv(spec.m_main, bn),)](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk,
-            outs["col_lse"] if outs["col_lse"].numel() else dummy,
-            outs["col_pos_sum"] if outs["col_pos_sum"].numel() else dummy, dummy, dummy,
-            n, m_all, spec.m_main, d, q.stride(0), k_all.stride(0), AXIS=1,
-            WANT_LSE=bool(spec.want & _BIT["col_lse"]), WANT_POS=bool(spec.want & _BIT["col_pos_sum"]),
-            WANT_SIG=False, **common)
+        _launch(_stats_kernel, _stats_tuned, lambda bm_, bn_: (triton.cdiv(spec.m_main, bn_),),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr,
+                 outs["col_lse"] if outs["col_lse"].numel() else dummy,
+                 outs["col_pos_sum"] if outs["col_pos_sum"].numel() else dummy, dummy, dummy,
+                 n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)),
+                dict(AXIS=1, WANT_LSE=bool(spec.want & _BIT["col_lse"]),
+                     WANT_POS=bool(spec.want & _BIT["col_pos_sum"]), WANT_SIG=False, **common))
     return tuple(outs[o] for o in OUTPUTS)
 
 
-def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row,
-             g_col, g_pos, g_colpos, g_sig, needs):
+def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, row_lse, col_lse,
+             g_row, g_col, g_pos, g_colpos, g_sig, needs):
     from flashloss.ops.contrastive_lse import _BIT, acc_dtype
 
     n, d = q.shape
@@ -350,7 +394,8 @@ def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels
     def arg(t):
         return t if t is not None and t.numel() else dummy
 
-    flags = dict(HAS_MROW=margin_rows is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
+    n_pos = targets.shape[1] if targets is not None and targets.dim() == 2 else 1
+    flags = dict(HAS_MROW=margin_rows is not None, HAS_THR=neg_threshold is not None, HAS_TGT=targets is not None, HAS_LAB=labels_q is not None, EXCL_SELF=spec.exclude_self,
                  EXCL_POS=spec.exclude_positives, WANT_ROW=bool(spec.want & _BIT["row_lse"]),
                  WANT_COL=bool(spec.want & _BIT["col_lse"]), WANT_POS=bool(spec.want & _BIT["pos_sum"]),
                  WANT_COLPOS=bool(spec.want & _BIT["col_pos_sum"]), WANT_SIG=spec.sigmoid,
@@ -358,15 +403,16 @@ def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels
     stats = (arg(row_lse), arg(col_lse), arg(g_row), arg(g_col), arg(g_pos), arg(g_colpos), arg(g_sig))
     need_dq, need_dk, need_dscale, need_dbias, need_dmargin = needs
     mrow = margin_rows if margin_rows is not None else dummy
+    thr = neg_threshold if neg_threshold is not None else dummy
     dq = dscale = dbias = dk = dmargin = None
     if (need_dq or need_dscale or need_dbias or need_dmargin) and n:
         dq_buf = empty(n, d, dtype=acc, device=q.device)
         dscale_buf = empty(n, dtype=acc, device=q.device)
         dbias_rows = empty(n, dtype=acc, device=q.device)
         dmargin_buf = empty(n, dtype=acc, device=q.device)
-        _dq_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bd))](
-            q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, *stats, dq_buf, dscale_buf, dbias_rows, dmargin_buf,
-            n, m_all, spec.m_main, d, q.stride(0), k_all.stride(0), **flags)
+        _launch(_dq_kernel, _dq_tuned, lambda bm_, bn_: (triton.cdiv(n, bm_), triton.cdiv(d, bd)),
+                (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dq_buf, dscale_buf, dbias_rows,
+                 dmargin_buf, n, m_all, spec.m_main, d, n_pos, q.stride(0), k_all.stride(0)), flags)
         dq = dq_buf if need_dq else None
         dscale = dscale_buf if need_dscale else None
         dbias = dbias_rows.sum() if need_dbias else None
@@ -379,9 +425,9 @@ def backward(spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels
     if need_dk and spec.grad_cols:
         dk = empty(spec.grad_cols, d, dtype=acc, device=q.device)
         if n:
-            _dk_kernel[(triton.cdiv(spec.grad_cols, bn), triton.cdiv(d, bd))](
-                q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, *stats, dk,
-                n, m_all, spec.m_main, spec.grad_cols, d, q.stride(0), k_all.stride(0), **flags)
+            _launch(_dk_kernel, _dk_tuned, lambda bm_, bn_: (triton.cdiv(spec.grad_cols, bn_), triton.cdiv(d, bd)),
+                    (q, k_all, scale, b, spec.margin, mrow, tgt, lq, lk, thr, *stats, dk,
+                     n, m_all, spec.m_main, spec.grad_cols, d, n_pos, q.stride(0), k_all.stride(0)), flags)
         else:
             dk.zero_()
     return dq, dk, dscale, dbias, dmargin

@@ -43,7 +43,9 @@ inline void evaluate(const ContrastiveProblem<T>& p, int64_t i, int64_t j, const
   S = sc * L::load(sim_row + j) + L::splat(p.bias);
   Y = L::splati(0);
   if (p.targets) {
-    Y = L::eq(col, L::splati(p.targets[i]));  // -1 (ignored row) matches no column
+    const int32_t* t = p.targets + i * p.targets_per_row;
+    for (int64_t k = 0; k < p.targets_per_row; ++k)
+      Y = Y | L::eq(col, L::splati(t[k]));  // -1 (padding, ignored row) matches no column
   } else if (p.labels_q) {
     Y = L::eq(L::loadi(p.labels_k + j), L::splati(p.labels_q[i])) & main;
   }
@@ -54,6 +56,8 @@ inline void evaluate(const ContrastiveProblem<T>& p, int64_t i, int64_t j, const
     Y = Y & ~self;
   }
   if (p.exclude_positives) allowed = allowed & ~Y;
+  // hard-negative mask: negatives below the row's threshold leave the LSEs (S has no margin yet)
+  if (p.neg_threshold) allowed = allowed & (Y | ~L::gtf(L::splat(p.neg_threshold[i]), S));
   const T margin_i = p.margin + (p.margin_rows ? p.margin_rows[i] : T(0));
   if (margin_i != T(0)) S = L::sel(Y, S + L::splat(margin_i), S);
 }

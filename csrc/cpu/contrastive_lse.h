@@ -15,10 +15,13 @@ struct ContrastiveProblem {
   T bias;                  // 0 when absent
   T margin;                // added to every positive logit
   const T* margin_rows;    // [n] or null: per-row margin added to the positives of row i
-  const int32_t* targets;  // [n] or null; -1 = no positive (ignored row)
+  const int32_t* targets;  // [n * targets_per_row] or null; -1 = no positive (padding / ignored row)
+  int64_t targets_per_row; // P: positive columns listed per row (1 for the [N] form)
   const uint8_t* valid;    // [n] rows that take part in column statistics
   const int32_t* labels_q; // [n] or null (dense ids)
   const int32_t* labels_k; // [m_all] or null (dense ids; extra columns hold -1)
+  const T* neg_threshold;  // [n] or null: a non-positive pair with S_ij < neg_threshold[i] is
+                           // left out of every LSE and sigmoid sum (hard-negative masks)
   bool exclude_self, exclude_positives, sigmoid;
 };
 

@@ -7,21 +7,28 @@ _native.load(warn=True)  # warns once if flashloss._C is missing; the torch back
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
 from . import compat, contrastive, ops, ref  # noqa: E402
-from .compat import ClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
+from .compat import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
 from .contrastive import (  # noqa: E402
+    ISogCLRLoss,
     align_uniform_loss,
     clip_loss,
     dcl_loss,
     debiased_contrastive_loss,
+    dexml_loss,
+    distill_clip_loss,
     hard_negative_loss,
+    hard_negative_nce,
     info_nce,
+    isogclr_loss,
     margin_nce,
     mnrl_loss,
     moco_loss,
     nt_xent,
     siglip_loss,
+    similarity_kl_loss,
     soft_target_nce,
     supcon_loss,
+    topk_threshold,
 )
 from .ops import contrastive_lse, row_logsumexp  # noqa: E402
 
@@ -30,5 +37,7 @@ __all__ = [
     "ops", "ref", "contrastive_lse", "row_logsumexp",
     "info_nce", "margin_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
     "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
-    "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
+    "hard_negative_nce", "topk_threshold", "dexml_loss", "isogclr_loss", "ISogCLRLoss", "distill_clip_loss",
+    "similarity_kl_loss",
+    "ClipLoss", "DistillClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
 ]

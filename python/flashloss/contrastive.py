@@ -393,3 +393,313 @@ def soft_target_nce(q, k, *, target_weights=None, target_embeddings=None, scale=
     per_col = r.col_lse - s * (ka * wq).sum(1) / wsum_col.clamp_min(1e-30)
     valid_c = wsum_col > 0
     return 0.5 * (_reduce(per_row, reduction, valid) + _reduce(per_col, reduction, valid_c))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.16 hard-negative selection masks
+
+
+def topk_threshold(q, k, num_negatives: int, scale=1.0, bias=None, *, targets=None, labels_q=None, labels_k=None,
+                   exclude_self: bool = False, block: int = 2048):
+    """Per-row logit of the `num_negatives`-th largest negative, for `contrastive_lse(...,
+    neg_threshold=...)` (OBJECTIVES 1.16: top-k hard negatives). No gradient: the mask is a
+    selection, the kept logits keep theirs. Blockwise (memory O(N*k + block^2)), cost 2NMD.
+    Negatives are the columns that are neither positives nor excluded self pairs; a row with fewer
+    negatives than `num_negatives` gets -inf (all kept). Ties at the threshold are all kept."""
+    if not isinstance(num_negatives, int) or num_negatives < 1:
+        raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+    n, m = q.shape[0], k.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = min(num_negatives, m)
+    with torch.no_grad():
+        sc = scale.detach().to(acc) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=acc)
+        sc = sc.to(q.device).expand(n) if sc.dim() == 0 else sc.to(q.device)
+        b = 0.0 if bias is None else (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else float(bias))
+        best = torch.full((n, kk), float("-inf"), dtype=acc, device=q.device)
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            qb = q[r0:r1].detach().to(acc)
+            run = best[r0:r1]
+            for c0 in range(0, m, block):
+                c1 = min(m, c0 + block)
+                S = sc[r0:r1, None] * (qb @ k[c0:c1].detach().to(acc).T) + b
+                cols = torch.arange(c0, c1, device=q.device)
+                drop = torch.zeros_like(S, dtype=torch.bool)
+                if targets is not None:
+                    t = targets[r0:r1]
+                    t = t[:, None] if t.dim() == 1 else t
+                    drop |= (cols[None, None, :] == t[:, :, None]).any(1)
+                elif labels_q is not None:
+                    drop |= labels_q[r0:r1, None] == labels_k[None, c0:c1]
+                if exclude_self:
+                    drop |= cols[None, :] == torch.arange(r0, r1, device=q.device)[:, None]
+                S = S.masked_fill(drop, float("-inf"))
+                run = torch.cat([run, S], dim=1).topk(kk, dim=1).values
+            best[r0:r1] = run
+        thr = best[:, -1]
+        if num_negatives > m:
+            thr = torch.full_like(thr, float("-inf"))
+    return thr
+
+
+def hard_negative_nce(q, k, targets=None, *, num_negatives: Optional[int] = None, min_similarity=None,
+                      scale=None, temperature=None, bias=None, reduction: str = "mean", backend: str = "auto"):
+    """InfoNCE whose denominator keeps the positive and only the hard negatives of each row
+    (OBJECTIVES 1.16): the `num_negatives` highest-scoring negatives (top-k, ties kept) and/or those
+    with similarity <q_i, k_j> >= `min_similarity`. The selection is a mask without gradient
+    applied before the LSE; kept logits keep their gradient. targets as in info_nce ([N] or
+    [N, P] with several positives per row, -1 padding; every positive stays in the denominator)."""
+    if num_negatives is None and min_similarity is None:
+        raise ValueError("give num_negatives (top-k) and/or min_similarity (threshold)")
+    if targets is None:
+        if k.shape[0] < q.shape[0]:
+            raise ValueError(f"targets default to arange(N) and need M >= N; got N={q.shape[0]}, M={k.shape[0]}")
+        targets = torch.arange(q.shape[0], device=q.device)
+    s = _scale_arg(scale, temperature, 0.07)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s_rows = (s.detach().to(acc) if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=acc, device=q.device))
+    s_rows = s_rows.expand(q.shape[0]) if s_rows.dim() == 0 else s_rows
+    b = 0.0 if bias is None else (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else float(bias))
+    thr = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
+    if num_negatives is not None:
+        thr = topk_threshold(q, k, num_negatives, s_rows, b, targets=targets)
+    if min_similarity is not None:
+        thr = torch.maximum(thr, s_rows * float(min_similarity) + b)
+    r = contrastive_lse(q, k, s, bias, targets=targets, neg_threshold=thr, outputs=("row_lse", "pos_sum", "pos_count"),
+                        backend=backend)
+    valid = r.pos_count > 0
+    # several positives: the mean positive logit (one positive: its logit), as supcon's L_out form
+    return _reduce(r.row_lse - r.pos_sum / r.pos_count.clamp_min(1), reduction, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.14 DEXML decoupled softmax
+
+
+def dexml_loss(q, k, positives, *, temperature: float = 0.05, reduction: str = "mean", backend: str = "auto"):
+    """DEXML decoupled softmax (OBJECTIVES 1.14). Query i has the positive set P_i = the entries >= 0
+    of row i of `positives` [N, P] (-1 padding; entries distinct). S = cos(q, k) / temperature;
+    for each positive l: denom_il = logaddexp(LSE_{j not in P_i} S_ij, S_il), the other positives
+    left out; l_i = -(1/|P_i|) sum_l (S_il - denom_il) = mean_l softplus(LSE_neg_i - S_il).
+    'mean' divides by N: rows without positives give 0 and count (the anchor's convention).
+    The negatives' LSE comes from primitive A with exclude_positives; the |P_i| positive logits are
+    gathered (memory O(N*P*D))."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not isinstance(positives, torch.Tensor) or positives.dim() != 2 or positives.shape[0] != q.shape[0]:
+        shape = tuple(positives.shape) if isinstance(positives, torch.Tensor) else type(positives).__name__
+        raise ValueError(f"positives must be an int tensor [N={q.shape[0]}, P] (-1 = padding), got {shape}")
+    positives = positives.long()
+    if not torch.compiler.is_compiling():
+        srt = positives.sort(dim=1).values
+        if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+            raise ValueError("positives must list each positive column of a row once")
+    qn, kn = _normalize(q), _normalize(k)
+    s = 1.0 / temperature
+    r = contrastive_lse(qn, kn, s, targets=positives, exclude_positives=True, outputs=("row_lse",), backend=backend)
+    ok = positives >= 0
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S_pos = s * (qn.to(acc)[:, None, :] * kn.to(acc)[positives.clamp_min(0)]).sum(-1)  # [N, P]
+    terms = softplus(r.row_lse[:, None] - S_pos).masked_fill(~ok, 0.0)
+    per_row = terms.sum(1) / ok.sum(1).clamp_min(1)
+    return _reduce(per_row, reduction, mean_divisor=q.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.13 iSogCLR: per-row temperatures, robust loss, moving-average estimator
+
+
+def isogclr_loss(image_features, text_features, tau_image, tau_text, *, rho: float = 8.0, reduction: str = "mean",
+                 backend: str = "auto"):
+    """iSogCLR robust contrastive loss, in-batch form (OBJECTIVES 1.13). Per image i (and per text,
+    with the roles swapped): l_i = tau_i * log mean_{j != i} exp((sim_ij - sim_ii) / tau_i) + rho * tau_i,
+    with learnable per-sample temperatures `tau_image`, `tau_text` [N] (give them with grad; keep them
+    in [0.005, 0.05] in the optimizer step, as iSogCLR projects). Features as given (normalised by
+    the model, as open_clip). 'mean': mean over images + mean over texts (the anchor sums the two
+    directions); 'none': [N] per-pair sums. See ISogCLRLoss for the moving-average estimator."""
+    n = image_features.shape[0]
+    if text_features.shape != image_features.shape:
+        raise ValueError(f"image_features and text_features must have one shape, got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    for name, t in (("tau_image", tau_image), ("tau_text", tau_text)):
+        if not isinstance(t, torch.Tensor) or t.shape != (n,):
+            raise ValueError(f"{name} must be a [N={n}] tensor of temperatures")
+    if n < 2:
+        raise ValueError("isogclr_loss needs at least 2 pairs (each row needs a negative)")
+    _, log_g_i = _robust_direction(image_features, text_features, tau_image, backend)
+    _, log_g_t = _robust_direction(text_features, image_features, tau_text, backend)
+    acc = log_g_i.dtype
+    per_i = tau_image.to(acc) * (log_g_i + rho)
+    per_t = tau_text.to(acc) * (log_g_t + rho)
+    if reduction == "none":
+        return per_i + per_t
+    return _reduce(per_i, reduction) + _reduce(per_t, reduction)
+
+
+def _robust_direction(q, k, tau, backend):
+    """Per row, at scale 1/tau_i with h_ij = sim_ij - sim_ii over the negatives j != i:
+    (LSE_{j != i} S_ij - S_ii, log g_i) with log g_i = log mean_{j != i} exp(h_ij / tau_i)."""
+    n = q.shape[0]
+    r = contrastive_lse(q, k, 1.0 / tau, targets=torch.arange(n, device=q.device), exclude_positives=True,
+                        outputs=("row_lse", "pos_sum"), backend=backend)
+    gap = r.row_lse - r.pos_sum
+    return gap, gap - math.log(k.shape[0] - 1)
+
+
+class ISogCLRLoss(torch.nn.Module):
+    """iSogCLR with its stateful moving-average estimator (Qiu et al. 2023; OBJECTIVES 1.13 [K]).
+
+    Holds per-sample temperatures `tau_image`, `tau_text` [data_size] (parameters, init `tau_init`)
+    and moving averages u_i of g_i = mean_{j != i} exp(h_ij / tau_i), kept as log u (the max-shift
+    b_i of the anchor, done exactly: no overflow at tau = 0.005). forward(image_features,
+    text_features, index) updates log u[index] <- log((1 - gamma) u + gamma g) for the batch and
+    returns a loss whose gradient is iSogCLR's estimator: features get tau_i * (1/u_i) *
+    mean_j e^{h_ij/tau_i} grad(h_ij/tau_i) (the batch softmax reweighted by g_i / u_i), and
+    tau_i gets log u_i + rho - (1/u_i) mean_j e^{h_ij/tau_i} h_ij / tau_i. Its value is the in-batch
+    robust loss (isogclr_loss). Call `clamp_temperatures_()` after the optimizer step.
+    Single process (the estimator state is indexed by dataset id, so batches must carry `index`)."""
+
+    def __init__(self, data_size: int, *, gamma: float = 0.8, rho: float = 8.0, tau_init: float = 0.01,
+                 tau_min: float = 0.005, tau_max: float = 0.05, backend: str = "auto"):
+        super().__init__()
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if not 0 < tau_min <= tau_init <= tau_max:
+            raise ValueError(f"need 0 < tau_min <= tau_init <= tau_max, got {tau_min}, {tau_init}, {tau_max}")
+        self.gamma, self.rho, self.tau_min, self.tau_max, self.backend = gamma, rho, tau_min, tau_max, backend
+        self.tau_image = torch.nn.Parameter(torch.full((data_size,), float(tau_init)))
+        self.tau_text = torch.nn.Parameter(torch.full((data_size,), float(tau_init)))
+        # log u; -inf = never seen (the anchor starts u at 0: its first update gives gamma * g)
+        self.register_buffer("log_u_image", torch.full((data_size,), float("-inf")))
+        self.register_buffer("log_u_text", torch.full((data_size,), float("-inf")))
+
+    @torch.no_grad()
+    def clamp_temperatures_(self):
+        self.tau_image.clamp_(self.tau_min, self.tau_max)
+        self.tau_text.clamp_(self.tau_min, self.tau_max)
+
+    def _direction(self, q, k, tau, log_u_buf, index):
+        gap, log_g = _robust_direction(q, k, tau, self.backend)
+        with torch.no_grad():
+            old = log_u_buf[index].to(log_g.dtype)
+            log_u = torch.logaddexp(old + math.log1p(-self.gamma) if self.gamma < 1 else torch.full_like(old, -math.inf),
+                                    log_g.detach() + math.log(self.gamma))
+            log_u_buf[index] = log_u.to(log_u_buf.dtype)
+            w = torch.exp(log_g.detach() - log_u)  # g_i / u_i
+        tau_a = tau.to(gap.dtype)
+        surrogate = (tau_a.detach() * w) * gap + tau_a * (log_u + self.rho)
+        value = tau_a * (log_g + self.rho)
+        return surrogate + (value - surrogate).detach()
+
+    def forward(self, image_features, text_features, index):
+        n = image_features.shape[0]
+        if text_features.shape != image_features.shape:
+            raise ValueError("image_features and text_features must have one shape")
+        if n < 2:
+            raise ValueError("ISogCLRLoss needs at least 2 pairs per batch")
+        if not isinstance(index, torch.Tensor) or index.shape != (n,) or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"index must be an int tensor [N={n}] of dataset ids")
+        if bool(((index < 0) | (index >= self.tau_image.shape[0])).any()):
+            raise IndexError(f"index must be in [0, {self.tau_image.shape[0]})")
+        index = index.to(self.tau_image.device).long()
+        li = self._direction(image_features, text_features, self.tau_image[index], self.log_u_image, index)
+        lt = self._direction(text_features, image_features, self.tau_text[index], self.log_u_text, index)
+        return li.mean() + lt.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1.2 teacher distillation, 1.15 similarity-distribution distillation
+
+
+def _teacher_weighted(teacher_q, teacher_k, teacher_scale, values):
+    """O_i = sum_j softmax_j(teacher_scale_i <tq_i, tk_j>) values_j without the N x M matrix: this
+    is exactly attention output, so torch's fused scaled_dot_product_attention computes it
+    blockwise (FlashAttention / memory-efficient kernels on CUDA, the flash kernel on CPU), with
+    the gradient for `values` only (the teacher has none). The flash kernels need equal head
+    dimensions: the narrower side is zero-padded (dot products unchanged)."""
+    tq = teacher_q.detach()
+    tk = teacher_k.detach()
+    ts = teacher_scale.detach() if isinstance(teacher_scale, torch.Tensor) else float(teacher_scale)
+    if isinstance(ts, torch.Tensor):
+        ts = ts.to(tq.dtype)
+        tq = tq * (ts[:, None] if ts.dim() == 1 else ts)
+    else:
+        tq = tq * ts
+    dt, dv = tq.shape[1], values.shape[1]
+    tk = tk.to(tq.dtype)
+    v = values.to(tq.dtype)
+    if dt < dv:
+        tq = F.pad(tq, (0, dv - dt))
+        tk = F.pad(tk, (0, dv - dt))
+    elif dv < dt:
+        v = F.pad(v, (0, dt - dv))
+    out = F.scaled_dot_product_attention(tq[None, None], tk[None, None], v[None, None], scale=1.0)[0, 0]
+    return out[:, :dv]
+
+
+def _check_pair(a, b, name_a, name_b):
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} must be [N, D] with the same N, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
+def distill_clip_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                      dist_logit_scale, *, reduction: str = "mean", backend: str = "auto"):
+    """open_clip DistillClipLoss (OBJECTIVES 1.2): returns (contrastive_loss, distill_loss) with
+    distill = 1/2 sum over both directions of mean_i[-sum_j softmax(S^T)_ij log softmax(S)_ij],
+    S = logit_scale img txt^T (student), S^T = dist_logit_scale dimg dtxt^T (teacher, no gradient).
+    -sum_j p^T_ij log p_ij = lse_i - logit_scale <img_i, sum_j p^T_ij txt_j>: the teacher-weighted
+    sum is a fused attention pass, the LSEs come from primitive A; nothing N x N is stored."""
+    _check_pair(image_features, text_features, "image_features", "text_features")
+    _check_pair(dist_image_features, dist_text_features, "dist_image_features", "dist_text_features")
+    if dist_image_features.shape[0] != image_features.shape[0]:
+        raise ValueError("teacher and student features must have the same batch size")
+    n = image_features.shape[0]
+    r = contrastive_lse(image_features, text_features, logit_scale, targets=torch.arange(n, device=image_features.device),
+                        outputs=("row_lse", "col_lse", "pos_sum", "col_pos_sum"), backend=backend)
+    contrastive = _reduce(0.5 * ((r.row_lse - r.pos_sum) + (r.col_lse - r.col_pos_sum)), reduction)
+    acc = r.row_lse.dtype
+    o_img = _teacher_weighted(dist_image_features, dist_text_features, dist_logit_scale, text_features)
+    o_txt = _teacher_weighted(dist_text_features, dist_image_features, dist_logit_scale, image_features)
+    ls = logit_scale.to(acc) if isinstance(logit_scale, torch.Tensor) else logit_scale
+    ce_img = r.row_lse - ls * _row_dot(image_features, o_img)
+    ce_txt = r.col_lse - ls * _row_dot(text_features, o_txt)
+    distill = _reduce(0.5 * (ce_img + ce_txt), reduction)
+    return contrastive, distill
+
+
+def similarity_kl_loss(student_q, student_k, teacher_q, teacher_k, *, student_scale, teacher_scale,
+                       symmetric: bool = False, reduction: str = "mean", backend: str = "auto"):
+    """Similarity-distribution distillation (OBJECTIVES 1.15): l_i = KL(softmax A_i || softmax B_i)
+    with teacher logits A = teacher_scale tq tk^T (no gradient) and student B = student_scale
+    sq sk^T, = sum_j p^T_ij (A_ij - B_ij) - lse^A_i + lse^B_i; gradient dB = p^B - p^T.
+    `symmetric` averages with the column direction (the same with q and k swapped). Scales: floats
+    or tensors (the student's may require grad). Memory O((N + M) D)."""
+    _check_pair(student_q, teacher_q, "student_q", "teacher_q")
+    _check_pair(student_k, teacher_k, "student_k", "teacher_k")
+
+    def direction(sq, sk, tq, tk, dim_outputs):
+        rs = contrastive_lse(sq, sk, student_scale, outputs=dim_outputs, backend=backend)
+        with torch.no_grad():
+            rt = contrastive_lse(tq.detach(), tk.detach(), teacher_scale if not isinstance(teacher_scale, torch.Tensor)
+                                 else teacher_scale.detach(), outputs=dim_outputs, backend=backend)
+        return rs, rt
+
+    def one_way(sq, sk, tq, tk, lse_s, lse_t):
+        acc = lse_s.dtype
+        ss = student_scale.to(acc) if isinstance(student_scale, torch.Tensor) else student_scale
+        ts = teacher_scale.detach().to(acc) if isinstance(teacher_scale, torch.Tensor) else teacher_scale
+        cross = ss * _row_dot(sq, _teacher_weighted(tq, tk, teacher_scale, sk))  # sum_j p^T_ij B_ij
+        with torch.no_grad():
+            self_t = ts * _row_dot(tq, _teacher_weighted(tq, tk, teacher_scale, tk.detach()))  # sum_j p^T A
+        return (self_t - lse_t) - cross + lse_s
+
+    outs = ("row_lse", "col_lse") if symmetric else ("row_lse",)
+    if symmetric and any(isinstance(s, torch.Tensor) and s.dim() == 1 for s in (student_scale, teacher_scale)):
+        raise ValueError("symmetric similarity_kl_loss needs scalar scales")
+    rs, rt = direction(student_q, student_k, teacher_q, teacher_k, outs)
+    per_row = one_way(student_q, student_k, teacher_q, teacher_k, rs.row_lse, rt.row_lse)
+    if not symmetric:
+        return _reduce(per_row, reduction)
+    per_col = one_way(student_k, student_q, teacher_k, teacher_q, rs.col_lse, rt.col_lse)
+    return 0.5 * (_reduce(per_row, reduction) + _reduce(per_col, reduction))

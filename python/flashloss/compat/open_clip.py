@@ -1,11 +1,11 @@
-"""Drop-in replacements for open_clip's ClipLoss and SigLipLoss: same constructor arguments, same
-forward signatures, same numbers, without the N x N logit matrix."""
+"""Drop-in replacements for open_clip's ClipLoss, DistillClipLoss and SigLipLoss: same constructor
+arguments, same forward signatures, same numbers, without the N x N logit matrix."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..contrastive import clip_loss, siglip_loss
+from ..contrastive import clip_loss, distill_clip_loss, siglip_loss
 
 
 def _single_process(world_size: int, what: str) -> None:
@@ -31,6 +31,20 @@ class ClipLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip.DistillClipLoss: forward(image_features, text_features, logit_scale,
+    dist_image_features, dist_text_features, dist_logit_scale, output_dict=False) ->
+    (contrastive_loss, distill_loss), or {"contrastive_loss", "distill_loss"} with output_dict."""
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict=False):
+        contrastive, distill = distill_clip_loss(image_features, text_features, logit_scale, dist_image_features,
+                                                 dist_text_features, dist_logit_scale, backend=self.backend)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class SigLipLoss(nn.Module):

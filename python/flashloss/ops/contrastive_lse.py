@@ -73,12 +73,17 @@ def _tile_size(device: torch.device) -> int:
 
 
 def _tile_masks(spec: Spec, r0, r1, c0, c1, targets, labels_q, labels_k, device):
-    """Positives Y, allowed (in the LSEs) and column-valid masks of tile [r0:r1, c0:c1]."""
+    """Positives Y, allowed (in the LSEs) mask, valid rows and main columns of tile [r0:r1, c0:c1]
+    (the hard-negative threshold needs S and is applied by `_threshold`)."""
     rows = torch.arange(r0, r1, device=device)
     cols = torch.arange(c0, c1, device=device)
     main = cols < spec.m_main
     valid = torch.ones(r1 - r0, dtype=torch.bool, device=device)
-    if targets is not None:
+    if targets is not None and targets.dim() == 2:  # several positives per row, < 0 = padding
+        t = targets[r0:r1]
+        valid = (t >= 0).any(1)
+        Y = (cols[None, None, :] == t[:, :, None]).any(1)
+    elif targets is not None:
         t = targets[r0:r1]
         valid = t != -100
         Y = (cols[None, :] == t[:, None]) & valid[:, None]
@@ -95,8 +100,14 @@ def _tile_masks(spec: Spec, r0, r1, c0, c1, targets, labels_q, labels_k, device)
         Y &= ~self_pair
     if spec.exclude_positives:
         allowed &= ~Y
-    col_ok = allowed & valid[:, None] & main[None, :]
-    return Y, allowed, col_ok
+    return Y, allowed, valid, main
+
+
+def _threshold(allowed, Y, S, thr):
+    """Hard-negative mask: negatives with S_ij < thr_i leave the LSEs (positives always stay)."""
+    if thr is None:
+        return allowed
+    return allowed & (Y | (S >= thr[:, None]))
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +155,7 @@ def _tiles(n: int, m_all: int, device):
             yield r0, min(n, r0 + bs), c0, min(m_all, c0 + bs)
 
 
-def _torch_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
+def _torch_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold):
     n, m_all, m = q.shape[0], k_all.shape[0], spec.m_main
     acc = acc_dtype(q.dtype)
     dev = q.device
@@ -157,9 +168,11 @@ def _torch_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labe
     row_sig = torch.zeros(n, **f)
     for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
-        Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
+        Y, allowed, valid, main = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
         mrow = None if margin_rows is None else margin_rows[r0:r1]
         _, S = _tile_logits(spec, qb, k_all[c0:c1].to(acc), sb, bias, Y, mrow)
+        allowed = _threshold(allowed, Y, S, None if neg_threshold is None else neg_threshold[r0:r1])
+        col_ok = allowed & valid[:, None] & main[None, :]
         if want & _BIT["row_lse"]:
             row_m[r0:r1], row_s[r0:r1] = _merge(row_m[r0:r1], row_s[r0:r1],
                                                 S.masked_fill(~allowed, neg_inf), 1)
@@ -183,8 +196,8 @@ def _torch_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labe
     return tuple(out)
 
 
-def _torch_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse,
-                    col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
+def _torch_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
+                    row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
     n, m_all, m = q.shape[0], k_all.shape[0], spec.m_main
     acc = acc_dtype(q.dtype)
     dev = q.device
@@ -199,9 +212,11 @@ def _torch_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, lab
     for r0, r1, c0, c1 in _tiles(n, m_all, dev):
         qb, sb = q[r0:r1].to(acc), scale[r0:r1]
         kb = k_all[c0:c1].to(acc)
-        Y, allowed, col_ok = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
+        Y, allowed, valid, main = _tile_masks(spec, r0, r1, c0, c1, targets, labels_q, labels_k, dev)
         mrow = None if margin_rows is None else margin_rows[r0:r1]
         sim, S = _tile_logits(spec, qb, kb, sb, bias, Y, mrow)
+        allowed = _threshold(allowed, Y, S, None if neg_threshold is None else neg_threshold[r0:r1])
+        col_ok = allowed & valid[:, None] & main[None, :]
         Yf = Y.to(acc)
         dS = torch.zeros_like(S)
         if want & _BIT["row_lse"]:
@@ -236,22 +251,23 @@ def _torch_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, lab
 # native backend (cpu): tile GEMMs through torch, fused epilogues in csrc/cpu
 
 
-def _native_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k):
+def _native_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold):
     acc = acc_dtype(q.dtype)
     n = q.shape[0]
     sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
              "row_sigmoid": n}
     outs = [empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS]
     _native.ops().contrastive_lse_forward(
-        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, spec.m_main, spec.exclude_self,
+        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, spec.m_main, spec.exclude_self,
         spec.exclude_positives, spec.margin, spec.sigmoid, spec.want, *outs, TILE or 0)
     return tuple(outs)
 
 
-def _native_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse,
-                     col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
+def _native_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
+                     row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
     outs = _native.ops().contrastive_lse_backward(
-        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
+        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, row_lse, col_lse, g_row,
+        g_col, g_pos,
         g_colpos, g_sig, spec.m_main, spec.grad_cols, spec.exclude_self, spec.exclude_positives,
         spec.margin, spec.sigmoid, spec.want, sum(1 << i for i, need in enumerate(needs) if need), TILE or 0)
     return tuple(o if need else None for o, need in zip(outs, needs))
@@ -279,11 +295,10 @@ _register_native()
 
 # ---------------------------------------------------------------------------------------------
 # cuda backend: fused kernels in csrc/cuda/contrastive_lse.cu (tensor cores for bf16/fp16, exact
-# fp32 FMA, fp64), deterministic. Written against the op schema with `neg_threshold` after
-# `labels_k` (hard-negative threshold per row; None here until the public API passes one).
+# fp32 FMA, fp64), deterministic; same op schema as the cpu backend.
 
 
-def _cuda_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold=None):
+def _cuda_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold):
     acc = acc_dtype(q.dtype)
     n = q.shape[0]
     sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
@@ -322,18 +337,19 @@ _register_cuda()
 @torch.library.custom_op("flashloss::contrastive_lse", mutates_args=())
 def _forward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                 margin_rows: Optional[torch.Tensor], targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
-                labels_k: Optional[torch.Tensor], m_main: int, grad_cols: int, exclude_self: bool,
+                labels_k: Optional[torch.Tensor], neg_threshold: Optional[torch.Tensor], m_main: int,
+                grad_cols: int, exclude_self: bool,
                 exclude_positives: bool, margin: float, sigmoid: bool, want: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor, torch.Tensor]:
     spec = Spec(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
-    outs = _IMPLS[backend][0](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k)
+    outs = _IMPLS[backend][0](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold)
     return tuple(outs)
 
 
 @_forward_op.register_fake
-def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
-      exclude_positives, margin, sigmoid, want, backend):
+def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, m_main, grad_cols,
+      exclude_self, exclude_positives, margin, sigmoid, want, backend):
     acc = acc_dtype(q.dtype)
     sizes = {"row_lse": q.shape[0], "col_lse": m_main, "pos_sum": q.shape[0], "pos_count": q.shape[0],
              "col_pos_sum": m_main, "row_sigmoid": q.shape[0]}
@@ -343,21 +359,22 @@ def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, m_main, g
 @torch.library.custom_op("flashloss::contrastive_lse_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k_all: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  margin_rows: Optional[torch.Tensor], targets: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
-                 labels_k: Optional[torch.Tensor], row_lse: torch.Tensor, col_lse: torch.Tensor,
+                 labels_k: Optional[torch.Tensor], neg_threshold: Optional[torch.Tensor], row_lse: torch.Tensor,
+                 col_lse: torch.Tensor,
                  g_row: torch.Tensor, g_col: torch.Tensor, g_pos: torch.Tensor, g_colpos: torch.Tensor,
                  g_sig: torch.Tensor, m_main: int, grad_cols: int, exclude_self: bool,
                  exclude_positives: bool, margin: float, sigmoid: bool, want: int, needs: list[bool],
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = Spec(m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
     grads = _IMPLS[backend][1](spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k,
-                               row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, tuple(needs))
+                               neg_threshold, row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, tuple(needs))
     acc = acc_dtype(q.dtype)
     return tuple(g if g is not None else q.new_zeros(0, dtype=acc) for g in grads)
 
 
 @_backward_op.register_fake
-def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse, g_row, g_col, g_pos,
-      g_colpos, g_sig, m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want,
+def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, row_lse, col_lse, g_row,
+      g_col, g_pos, g_colpos, g_sig, m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want,
       needs, backend):
     acc = acc_dtype(q.dtype)
     shapes = [(q.shape[0], q.shape[1]), (grad_cols, q.shape[1]), (q.shape[0],), (), (q.shape[0],)]
@@ -365,15 +382,16 @@ def _(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, 
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, m_main, grad_cols, exclude_self,
-     exclude_positives, margin, sigmoid, want, backend) = inputs
-    ctx.save_for_backward(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, output[0], output[1])
+    (q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, m_main, grad_cols,
+     exclude_self, exclude_positives, margin, sigmoid, want, backend) = inputs
+    ctx.save_for_backward(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
+                          output[0], output[1])
     ctx.args = (m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want)
     ctx.backend = backend
 
 
 def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
-    q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, row_lse, col_lse = ctx.saved_tensors
+    q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, row_lse, col_lse = ctx.saved_tensors
     m_main, grad_cols, exclude_self, exclude_positives, margin, sigmoid, want = ctx.args
     acc = acc_dtype(q.dtype)
 
@@ -391,7 +409,7 @@ def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
              n if want & _BIT["row_sigmoid"] else 0]
     grads = [prep(g, s) for g, s in zip((g_row, g_col, g_pos, g_colpos, g_sig), sizes)]
     dq, dk, dscale, dbias, dmargin = _backward_op(q, k_all, scale, bias, margin_rows, targets, labels_q,
-                                                  labels_k, row_lse, col_lse, *grads, m_main, grad_cols,
+                                                  labels_k, neg_threshold, row_lse, col_lse, *grads, m_main, grad_cols,
                                                   exclude_self, exclude_positives, margin, sigmoid, want,
                                                   needs, ctx.backend)
     if needs[1] and grad_cols < k_all.shape[0]:  # columns without gradient get zeros
@@ -403,7 +421,7 @@ def _backward(ctx, g_row, g_col, g_pos, g_cnt, g_colpos, g_sig):
     return (dq.to(q.dtype) if needs[0] else None, dk if needs[1] else None,
             dscale.to(scale.dtype) if needs[2] else None, dbias.to(bias.dtype) if needs[3] else None,
             dmargin.to(margin_rows.dtype) if needs[4] else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -425,6 +443,7 @@ def contrastive_lse(
     exclude_self: bool = False,
     exclude_positives: bool = False,
     margin=0.0,
+    neg_threshold=None,
     extra_k: Optional[torch.Tensor | Sequence[torch.Tensor]] = None,
     outputs: Sequence[str] = ("row_lse", "pos_sum"),
     mode: str = "softmax",
@@ -434,8 +453,13 @@ def contrastive_lse(
 
     q [N, D], k [M, D] (same float dtype and device); scale: float, 0-d tensor or [N] tensor
     (learnable if it requires grad; must be > 0 when a Python float); bias: None, float or 0-d tensor.
-    Positives from `targets` [N] (int64, -100 = ignored row) or `labels_q` [N] + `labels_k` [M].
+    Positives from `targets` [N] (int64, -100 = ignored row), `targets` [N, P] (several positive
+    columns per row, entries -1 or -100 = padding; a row with none is ignored), or `labels_q` [N] +
+    `labels_k` [M].
     `margin`: float, or a [N] tensor (per-row, differentiable) added to the positive logits.
+    `neg_threshold`: None, a float or a [N] tensor (no gradient): hard-negative mask, a pair that is
+    not a positive leaves every LSE and sigmoid sum when its logit S_ij (before any margin) is below
+    the row's threshold (OBJECTIVES.md §1.16; `flashloss.contrastive.topk_threshold` gives top-k).
     `extra_k`: a tensor [E, D] or a list of them, negative-only columns appended after k.
     `outputs`: any of row_lse, col_lse, pos_sum, pos_count, col_pos_sum, row_sigmoid (the last needs
     mode="sigmoid"). Returns a ContrastiveStats with None for the outputs not requested.
@@ -480,14 +504,18 @@ def contrastive_lse(
     if targets is not None and (labels_q is not None or labels_k is not None):
         raise ValueError("give either targets or labels_q + labels_k, not both")
     if targets is not None:
-        check_tensor("targets", targets, dim=1, dtypes=(torch.int64, torch.int32), device=q.device)
+        check_tensor("targets", targets, dim=(1, 2), dtypes=(torch.int64, torch.int32), device=q.device)
         if targets.shape[0] != n:
-            raise ValueError(f"targets must have shape [N={n}], got {tuple(targets.shape)}")
+            raise ValueError(f"targets must have shape [N={n}] or [N={n}, P], got {tuple(targets.shape)}")
         targets = targets.long()
+        if targets.dim() == 2:
+            targets = targets.contiguous()
         if not torch.compiler.is_compiling():  # a data-dependent check; skipped inside a compiled graph
-            bad = (targets != -100) & ((targets < 0) | (targets >= m))
+            pad = (targets == -100) | ((targets == -1) if targets.dim() == 2 else False)
+            bad = ~pad & ((targets < 0) | (targets >= m))
             if bool(bad.any()):
-                raise IndexError(f"targets must be in [0, {m}) or -100 (ignored); got {targets[bad][0].item()}")
+                what = "-1 / -100 (padding)" if targets.dim() == 2 else "-100 (ignored)"
+                raise IndexError(f"targets must be in [0, {m}) or {what}; got {targets[bad][0].item()}")
     if (labels_q is None) != (labels_k is None):
         raise ValueError("labels_q and labels_k go together")
     if labels_q is not None:
@@ -508,6 +536,14 @@ def contrastive_lse(
         margin_rows, margin = margin.to(acc).contiguous(), 0.0
     elif not isinstance(margin, (int, float)):
         raise TypeError(f"margin must be a float or a [N] tensor, got {type(margin).__name__}")
+    if neg_threshold is not None:
+        if isinstance(neg_threshold, (int, float)):
+            neg_threshold = torch.full((n,), float(neg_threshold), dtype=acc, device=q.device)
+        check_tensor("neg_threshold", neg_threshold, dim=1, dtypes=FLOAT_DTYPES, device=q.device)
+        if neg_threshold.shape[0] != n:
+            raise ValueError(f"neg_threshold must be a float or a [N={n}] tensor, got shape "
+                             f"{tuple(neg_threshold.shape)}")
+        neg_threshold = neg_threshold.detach().to(acc).contiguous()  # a mask: no gradient
 
     # columns: k, then extra blocks that need a gradient, then those that do not (no dK work)
     extras = [] if extra_k is None else ([extra_k] if isinstance(extra_k, torch.Tensor) else list(extra_k))
@@ -525,7 +561,8 @@ def contrastive_lse(
     for name in outputs:
         want |= _BIT[name]
     name = _backend.resolve(OP, backend, q.device)
-    res = _forward_op(q_c, k_c, scale_rows, bias, margin_rows, targets, labels_q, labels_k, m, grad_cols,
+    res = _forward_op(q_c, k_c, scale_rows, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, m,
+                      grad_cols,
                       bool(exclude_self), bool(exclude_positives), float(margin), mode == "sigmoid",
                       want, name)
     return ContrastiveStats(*(r if want & _BIT[o] else None for o, r in zip(OUTPUTS, res)))

@@ -16,7 +16,11 @@ def contrastive_masks(n: int, m_all: int, device, *, targets=None, labels_q=None
     main = (cols >= k_offset) & (cols < k_offset + m_main)
     Y = torch.zeros(n, m_all, dtype=torch.bool, device=device)
     valid_rows = torch.ones(n, dtype=torch.bool, device=device)
-    if targets is not None:
+    if targets is not None and targets.dim() == 2:  # [N, P], entries < 0 are padding
+        ok = targets >= 0
+        valid_rows = ok.any(1)
+        Y = ((cols[None, None, :] == (targets[:, :, None] + k_offset)) & ok[:, :, None]).any(1) & main[None, :]
+    elif targets is not None:
         valid_rows = targets != -100
         Y = (cols[None, :] == (targets[:, None] + k_offset)) & valid_rows[:, None] & main[None, :]
     elif labels_q is not None:
@@ -43,7 +47,7 @@ def _lse(s: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def contrastive_lse(q, k, scale=1.0, bias=None, *, targets=None, labels_q=None, labels_k=None,
-                    exclude_self=False, exclude_positives=False, margin=0.0, extra_k=None,
+                    exclude_self=False, exclude_positives=False, margin=0.0, neg_threshold=None, extra_k=None,
                     mode="softmax"):
     """Dense version of flashloss.ops.contrastive_lse; returns the same named outputs (all of them).
     Extra negative columns are appended after k."""
@@ -60,6 +64,9 @@ def contrastive_lse(q, k, scale=1.0, bias=None, *, targets=None, labels_q=None, 
     Y, allowed, valid = contrastive_masks(n, k_all.shape[0], q.device, targets=targets, labels_q=labels_q,
                                           labels_k=labels_k, k_offset=0, m_main=m,
                                           exclude_self=exclude_self, exclude_positives=exclude_positives)
+    if neg_threshold is not None:  # hard negatives: drop non-positive pairs below the row threshold
+        thr = neg_threshold if isinstance(neg_threshold, torch.Tensor) else torch.full((n,), float(neg_threshold), device=q.device)
+        allowed = allowed & (Y | (S >= thr.to(S)[:, None]))
     if isinstance(margin, torch.Tensor):
         S = S + margin.to(acc)[:, None] * Y.to(acc)
     elif margin:
