@@ -19,6 +19,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+
+#include "cuda/contrastive_lse.h"
 #include "cuda/row_logsumexp.h"
 #endif
 
@@ -326,6 +329,168 @@ std::vector<at::Tensor> contrastive_lse_backward_cpu(
       g_row, g_col, g_pos, g_colpos, g_sig, grad_cols, needs, block);
 }
 
+#ifdef FLASHLOSS_WITH_CUDA
+// ---------------------------------------------------------------------------------------------
+// Primitive A on CUDA: fused kernels in csrc/cuda/contrastive_lse.cu read q and k in their own
+// dtype (bf16/fp16 on tensor cores, fp32 with exact FMA, fp64 in double); statistics and
+// gradients in stat_dtype. block_rows is ignored (the kernels have fixed tiles).
+
+struct CudaContrastive {
+  Prepared pr;  // positive structure (int32 ids, valid rows), scale, margins and threshold in acc
+  at::Tensor q, k, bias;
+  flashloss::cuda::ContrastiveArgs args;
+};
+
+void* data_or_null(const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+
+CudaContrastive cuda_contrastive(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& margin_rows,
+                                 const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+                                 const std::optional<at::Tensor>& labels_k,
+                                 const std::optional<at::Tensor>& neg_threshold, int64_t m_main, bool exclude_self,
+                                 bool exclude_positives, double margin, bool sigmoid) {
+  TORCH_CHECK(q.dim() == 2 && k_all.dim() == 2 && q.size(1) == k_all.size(1), "flashloss: q [N,D], k [M,D]");
+  TORCH_CHECK(k_all.scalar_type() == q.scalar_type(), "flashloss: q and k must have the same dtype");
+  TORCH_CHECK(q.is_cuda() && k_all.device() == q.device() && scale.device() == q.device(),
+              "flashloss: q, k and scale must be on the same CUDA device");
+  TORCH_CHECK(m_main >= 0 && m_main <= k_all.size(0), "flashloss: m_main out of range");
+  const auto acc = stat_dtype(q);
+  const int64_t n = q.size(0);
+  CudaContrastive c;
+  c.q = q.contiguous();
+  c.k = k_all.contiguous();
+  // prepare() also converts q and k to acc, which the CUDA kernels do not want (they read the
+  // input dtype): zero-width views make that conversion free.
+  c.pr = prepare(c.q.narrow(1, 0, 0), c.k.narrow(1, 0, 0), scale, margin_rows, targets, labels_q, labels_k,
+                 neg_threshold, m_main);
+  TORCH_CHECK(c.pr.scale.numel() == n, "flashloss: scale must have N elements");
+  TORCH_CHECK(c.pr.valid.numel() == n, "flashloss: one valid flag per row expected from prepare()");
+  if (c.pr.margin_rows.defined())
+    TORCH_CHECK(c.pr.margin_rows.numel() == n, "flashloss: margin_rows must have N elements");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == 1 && bias->device() == q.device(), "flashloss: bias must be one element on ", q.device());
+    c.bias = bias->to(acc).contiguous();
+  }
+  if (c.pr.neg_threshold.defined())
+    TORCH_CHECK(c.pr.neg_threshold.numel() == n && c.pr.neg_threshold.device() == q.device(),
+                "flashloss: neg_threshold must be a [N] tensor on ", q.device());
+  auto& a = c.args;
+  a.dtype = dtype_code(q);
+  a.q = c.q.data_ptr();
+  a.k = c.k.data_ptr();
+  a.n = n;
+  a.m_all = k_all.size(0);
+  a.m_main = m_main;
+  a.d = q.size(1);
+  a.scale = c.pr.scale.data_ptr();
+  a.bias = c.bias.defined() ? c.bias.data_ptr() : nullptr;
+  a.margin = margin;
+  a.margin_rows = c.pr.margin_rows.defined() ? c.pr.margin_rows.data_ptr() : nullptr;
+  a.targets = c.pr.targets.defined() ? c.pr.targets.data_ptr<int32_t>() : nullptr;
+  a.targets_per_row = c.pr.targets.defined() ? c.pr.targets_per_row : 0;
+  a.valid = c.pr.valid.data_ptr<uint8_t>();
+  a.labels_q = c.pr.labels_q.defined() ? c.pr.labels_q.data_ptr<int32_t>() : nullptr;
+  a.labels_k = c.pr.labels_k.defined() ? c.pr.labels_k.data_ptr<int32_t>() : nullptr;
+  a.neg_threshold = c.pr.neg_threshold.defined() ? c.pr.neg_threshold.data_ptr() : nullptr;
+  a.exclude_self = exclude_self;
+  a.exclude_positives = exclude_positives;
+  a.sigmoid = sigmoid;
+  return c;
+}
+
+void check_out_cuda(const at::Tensor& t, int64_t size, at::ScalarType dt, const at::Device& dev, const char* name) {
+  check_out(t, size, dt, name);
+  TORCH_CHECK(t.numel() == 0 || t.device() == dev, "flashloss: output ", name, " must be on ", dev);
+}
+
+void contrastive_lse_forward_cuda(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& margin_rows,
+                                  const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& labels_q,
+                                  const std::optional<at::Tensor>& labels_k,
+                                  const std::optional<at::Tensor>& neg_threshold, int64_t m_main, bool exclude_self,
+                                  bool exclude_positives, double margin, bool sigmoid, int64_t want,
+                                  const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& pos_sum,
+                                  const at::Tensor& pos_count, const at::Tensor& col_pos_sum,
+                                  const at::Tensor& row_sigmoid, int64_t block) {
+  (void)want;   // which outputs: given by which out tensors are non-empty
+  (void)block;  // fixed tiles on CUDA
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto c = cuda_contrastive(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
+                                  m_main, exclude_self, exclude_positives, margin, sigmoid);
+  const auto acc = stat_dtype(q);
+  const int64_t n = q.size(0);
+  check_out_cuda(row_lse, n, acc, q.device(), "row_lse");
+  check_out_cuda(col_lse, m_main, acc, q.device(), "col_lse");
+  check_out_cuda(pos_sum, n, acc, q.device(), "pos_sum");
+  check_out_cuda(pos_count, n, acc, q.device(), "pos_count");
+  check_out_cuda(col_pos_sum, m_main, acc, q.device(), "col_pos_sum");
+  check_out_cuda(row_sigmoid, n, acc, q.device(), "row_sigmoid");
+  check_cuda(flashloss::cuda::contrastive_lse_forward(
+      c.args, data_or_null(row_lse), data_or_null(col_lse), data_or_null(pos_sum), data_or_null(pos_count),
+      data_or_null(col_pos_sum), data_or_null(row_sigmoid), c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// Gradient outputs are allocated here (the op returns them); like the Python layer's `empty`
+// (python/flashloss/_debug.py, DESIGN.md §6) they start as NaN when FLASHLOSS_POISON=1, so an
+// element a kernel forgot to write fails the tests.
+at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  const char* poison = std::getenv("FLASHLOSS_POISON");
+  if (poison != nullptr && poison[0] == '1' && poison[1] == '\0') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// An upstream statistic or gradient: empty (term absent) or a contiguous [size] tensor in acc.
+void check_in_cuda(const at::Tensor& t, int64_t size, at::ScalarType dt, const at::Device& dev, const char* name) {
+  TORCH_CHECK(t.numel() == 0 || (t.dim() == 1 && t.size(0) == size && t.is_contiguous() && t.scalar_type() == dt &&
+                                 t.device() == dev),
+              "flashloss: ", name, " must be a contiguous [", size, "] ", dt, " tensor on ", dev, " or empty");
+}
+
+std::vector<at::Tensor> contrastive_lse_backward_cuda(
+    const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& margin_rows, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& labels_q, const std::optional<at::Tensor>& labels_k,
+    const std::optional<at::Tensor>& neg_threshold, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& g_pos, const at::Tensor& g_colpos,
+    const at::Tensor& g_sig, int64_t m_main, int64_t grad_cols, bool exclude_self, bool exclude_positives,
+    double margin, bool sigmoid, int64_t want, int64_t needs_bits, int64_t block) {
+  (void)want;
+  (void)block;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto c = cuda_contrastive(q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
+                                  m_main, exclude_self, exclude_positives, margin, sigmoid);
+  TORCH_CHECK(grad_cols >= 0 && grad_cols <= k_all.size(0), "flashloss: grad_cols out of range");
+  const auto acc = stat_dtype(q);
+  const auto dev = q.device();
+  const int64_t n = q.size(0), d = q.size(1);
+  check_in_cuda(row_lse, n, acc, dev, "row_lse");
+  check_in_cuda(g_row, n, acc, dev, "g_row");
+  check_in_cuda(col_lse, m_main, acc, dev, "col_lse");
+  check_in_cuda(g_col, m_main, acc, dev, "g_col");
+  check_in_cuda(g_pos, n, acc, dev, "g_pos");
+  check_in_cuda(g_colpos, m_main, acc, dev, "g_colpos");
+  check_in_cuda(g_sig, n, acc, dev, "g_sig");
+  // which gradients are wanted: bit 0 dq, 1 dk, 2 dscale, 3 dbias, 4 dmargin; the others come
+  // back empty (the Python layer returns None for them)
+  const auto opts = q.options().dtype(acc);
+  auto dq = empty_grad({(needs_bits & 1) ? n : 0, (needs_bits & 1) ? d : 0}, opts);
+  auto dk = empty_grad({(needs_bits & 2) ? grad_cols : 0, (needs_bits & 2) ? d : 0}, opts);
+  auto dscale = empty_grad({(needs_bits & 4) ? n : 0}, opts);
+  auto dbias = (needs_bits & 8) ? empty_grad({}, opts) : empty_grad({0}, opts);
+  auto dmargin = empty_grad({(needs_bits & 16) ? n : 0}, opts);
+  auto scratch = empty_grad({(needs_bits & 8) ? std::max<int64_t>(n, 1) : 0}, opts);
+  check_cuda(flashloss::cuda::contrastive_lse_backward(
+      c.args, data_or_null(row_lse), data_or_null(col_lse), data_or_null(g_row), data_or_null(g_col),
+      data_or_null(g_pos), data_or_null(g_colpos), data_or_null(g_sig), grad_cols,
+      (needs_bits & 1) ? data_or_null(dq) : nullptr, (needs_bits & 2) ? data_or_null(dk) : nullptr,
+      (needs_bits & 4) ? data_or_null(dscale) : nullptr, (needs_bits & 8) ? dbias.data_ptr() : nullptr,
+      (needs_bits & 16) ? data_or_null(dmargin) : nullptr, data_or_null(scratch),
+      c10::cuda::getCurrentCUDAStream().stream()));
+  return {dq, dk, dscale, dbias, dmargin};
+}
+#endif
+
 bool compiled_with_cuda() {
 #ifdef FLASHLOSS_WITH_CUDA
   return true;
@@ -361,6 +526,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
 TORCH_LIBRARY_IMPL(flashloss_C, CUDA, m) {
   m.impl("row_logsumexp_forward", &row_logsumexp_forward_cuda);
   m.impl("row_logsumexp_backward", &row_logsumexp_backward_cuda);
+  m.impl("contrastive_lse_forward", &contrastive_lse_forward_cuda);
+  m.impl("contrastive_lse_backward", &contrastive_lse_backward_cuda);
 }
 #endif
 

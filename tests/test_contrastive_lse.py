@@ -123,12 +123,20 @@ def test_triton_interpreter_matches_reference(config, shape, dtype):
                             name=f"triton {config} {shape}")
 
 
+def _require_cuda_backend():
+    if "cuda" not in flashloss._backend.registered_ops()["contrastive_lse"].impls:
+        pytest.skip("the cuda backend of contrastive_lse is not registered: flashloss._C was built without "
+                    "CUDA kernels (needs a CUDA build of torch and nvcc at install time)")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("shape", [(1, 1, 3), (37, 50, 9), (300, 257, 96), (129, 1000, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_gpu_matches_reference(backend, config, shape, dtype):
+    if backend == "cuda":
+        _require_cuda_backend()
     cfg = CONFIGS[config]
     inputs, make, kw, outs = build(cfg, *shape)
     kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -257,3 +265,57 @@ def test_triton_is_deterministic_without_atomics():
         runs.append([getattr(r, o) for o in outs] + list(grads))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["targets", "labels_exclude_self", "sigmoid", "row_margin",
+                                    "multi_targets_exclude_positives", "neg_threshold_labels_sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_is_deterministic_without_atomics(config, dtype):
+    """Two runs give bitwise-equal statistics and gradients (no atomics; dbias reduced in a fixed order)."""
+    _require_cuda_backend()
+    inputs, make, kw, outs = build(CONFIGS[config], 300, 257, 96)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    tensors = [x.cuda().to(dtype if i < 2 or i == 4 else torch.float32).requires_grad_(True)
+               for i, x in enumerate(inputs)]
+    fn = make(lambda q, k, s, b, e, kw: contrastive_lse(q, k, s, b, extra_k=e, outputs=outs, backend="cuda", **kw))
+    runs = []
+    for _ in range(2):
+        res = fn(*tensors)
+        loss = sum((r.double() * (i + 1)).sum() for i, r in enumerate(res))
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)  # unused inputs (extra block) give None
+        runs.append(list(res) + [g for g in grads if g is not None])
+    assert len(runs[0]) == len(runs[1])
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_cuda_large_bf16_matches_torch_backend(monkeypatch):
+    """N = M = 4096, D = 256 in bf16 (many tiles, several D chunks): the cuda backend against the torch
+    backend (fp32 accumulation of the same bf16 inputs), every output and gradient."""
+    _require_cuda_backend()
+    from helpers import rel_err
+
+    monkeypatch.setattr(ops_mod, "TILE", None)  # the torch backend's default tiles, not the tests' 16
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    n, d = 4096, 256
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device="cuda"), dim=1).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device="cuda"), dim=1).bfloat16()
+    scale = torch.tensor(14.3, device="cuda")
+    bias = torch.tensor(-0.5, device="cuda")
+    targets = torch.arange(n, device="cuda")
+    targets[::17] = -100
+    upstream = [torch.randn(n, generator=gen, device="cuda") for _ in SOFTMAX_OUTS]
+    results = {}
+    for backend in ("torch", "cuda"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, scale, bias)]
+        r = contrastive_lse(*leaves, targets=targets, outputs=SOFTMAX_OUTS, backend=backend)
+        outs = [getattr(r, o) for o in SOFTMAX_OUTS]
+        grads = torch.autograd.grad(outs, leaves, grad_outputs=upstream)
+        results[backend] = outs + list(grads)
+    names = list(SOFTMAX_OUTS) + ["dq", "dk", "dscale", "dbias"]
+    for name, got, want in zip(names, results["cuda"], results["torch"]):
+        err = rel_err(got, want)
+        assert err <= 2e-2, f"{name}: relative error {err:.3e} against the torch backend"
