@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flashloss.benchmark.harness import all_cases
+from flashloss.benchmark.report import memory_budget_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARAMS = [
@@ -21,6 +22,10 @@ def test_case(benchmark, case, size, impl):
     ok, why = impl.available(DEVICE)
     if not ok:
         pytest.skip(why)
+    dtype = case.dtypes[DEVICE]
+    if impl.estimate_bytes and impl.estimate_bytes(size, DEVICE, dtype) > memory_budget_bytes(DEVICE):
+        # the same rule as `flashloss bench`: an implementation that cannot fit is reported, not run
+        pytest.skip(f"{impl.name} needs ~{impl.estimate_bytes(size, DEVICE, dtype) / 2**30:.1f} GiB here")
     run = impl.setup(size, DEVICE, case.dtypes[DEVICE])
     benchmark.extra_info.update({"flops": case.flops(size), "size": size})
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
