@@ -264,3 +264,32 @@ register_case(BenchCase(
         for b in FLASHLOSS_BACKENDS
     ],
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# clip_loss at the GPU target of issue #4: N = M = 65536, D = 512, bf16, forward + backward.
+# CUDA only (on a CPU every implementation reports "runs on CUDA only"); the target is >= 50% of
+# the measured bf16 matmul rate counting 8 N M D FLOPs, and faster than Inf-CL at equal memory.
+
+
+def _always(device: str) -> tuple[bool, str]:
+    return True, ""
+
+
+register_case(BenchCase(
+    name="clip_loss_gpu_target",
+    description="symmetric CLIP loss at N=65536, D=512 (GPU target), forward + backward",
+    sizes_quick=[{"N": 65536, "D": 512}],
+    sizes_full=[{"N": n, "D": 512} for n in (16384, 32768, 65536)],
+    flops=lambda s: 8.0 * s["N"] * s["N"] * s["D"],
+    min_bytes=lambda s, dt: 4.0 * s["N"] * s["D"] * torch.finfo(dt).bits / 8,
+    x_key="N",
+    warmup_size={"N": 1024, "D": 512},
+    impls=[
+        Impl("naive", "naive", _clip_setup(_clip_naive), _cuda_and(_always), estimate_bytes=_square_bytes(5)),
+        Impl("inf_cl", "peer", _clip_setup(_clip_inf_cl), _cuda_and(_installed("inf_cl", "Inf-CL (inf_cl)"))),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _clip_setup(_clip_flashloss(b)), _cuda_and(flashloss_available(b)))
+        for b in FLASHLOSS_BACKENDS if b != "cpu"
+    ],
+))
