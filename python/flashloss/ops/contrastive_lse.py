@@ -295,33 +295,13 @@ _register_native()
 
 # ---------------------------------------------------------------------------------------------
 # cuda backend: fused kernels in csrc/cuda/contrastive_lse.cu (tensor cores for bf16/fp16, exact
-# fp32 FMA, fp64), deterministic; same op schema as the cpu backend.
-
-
-def _cuda_forward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold):
-    acc = acc_dtype(q.dtype)
-    n = q.shape[0]
-    sizes = {"row_lse": n, "col_lse": spec.m_main, "pos_sum": n, "pos_count": n, "col_pos_sum": spec.m_main,
-             "row_sigmoid": n}
-    outs = [empty(sizes[o] if spec.want & _BIT[o] else 0, dtype=acc, device=q.device) for o in OUTPUTS]
-    _native.ops().contrastive_lse_forward(
-        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, spec.m_main,
-        spec.exclude_self, spec.exclude_positives, spec.margin, spec.sigmoid, spec.want, *outs, 0)
-    return tuple(outs)
-
-
-def _cuda_backward(spec: Spec, q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold,
-                   row_lse, col_lse, g_row, g_col, g_pos, g_colpos, g_sig, needs):
-    outs = _native.ops().contrastive_lse_backward(
-        q, k_all, scale, bias, margin_rows, targets, labels_q, labels_k, neg_threshold, row_lse, col_lse, g_row,
-        g_col, g_pos, g_colpos, g_sig, spec.m_main, spec.grad_cols, spec.exclude_self, spec.exclude_positives,
-        spec.margin, spec.sigmoid, spec.want, sum(1 << i for i, need in enumerate(needs) if need), 0)
-    return tuple(o if need else None for o, need in zip(outs, needs))
+# fp32 FMA, fp64), deterministic. The same flashloss_C ops as the cpu backend, dispatched by
+# device, so the launchers are shared (block_rows is ignored on CUDA).
 
 
 def _register_cuda() -> None:
     if _native.compiled_with_cuda() and hasattr(_native.ops(), "contrastive_lse_forward"):
-        _IMPLS["cuda"] = (_cuda_forward, _cuda_backward)
+        _IMPLS["cuda"] = (_native_forward, _native_backward)
         # Not in the auto order yet: `auto` on CUDA stays ("triton", "torch") until the cuda backend
         # is measured against Triton on a GPU (bench/); then re-rank _AUTO["cuda"] on the numbers.
         _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
