@@ -410,12 +410,12 @@ def topk_threshold(q, k, num_negatives: int, scale=1.0, bias=None, *, targets=No
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     n, m = q.shape[0], k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kk = min(num_negatives, m)
     with torch.no_grad():
         sc = scale.detach().to(acc) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=acc)
         sc = sc.to(q.device).expand(n) if sc.dim() == 0 else sc.to(q.device)
         b = 0.0 if bias is None else (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else float(bias))
-        best = torch.full((n, kk), float("-inf"), dtype=acc, device=q.device)
+        # running k best per row, starting at -inf: a row with fewer than k negatives keeps a -inf
+        best = torch.full((n, num_negatives), float("-inf"), dtype=acc, device=q.device)
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             qb = q[r0:r1].detach().to(acc)
@@ -434,12 +434,9 @@ def topk_threshold(q, k, num_negatives: int, scale=1.0, bias=None, *, targets=No
                 if exclude_self:
                     drop |= cols[None, :] == torch.arange(r0, r1, device=q.device)[:, None]
                 S = S.masked_fill(drop, float("-inf"))
-                run = torch.cat([run, S], dim=1).topk(kk, dim=1).values
+                run = torch.cat([run, S], dim=1).topk(num_negatives, dim=1).values
             best[r0:r1] = run
-        thr = best[:, -1]
-        if num_negatives > m:
-            thr = torch.full_like(thr, float("-inf"))
-    return thr
+    return best[:, -1]
 
 
 def hard_negative_nce(q, k, targets=None, *, num_negatives: Optional[int] = None, min_similarity=None,
@@ -457,14 +454,13 @@ def hard_negative_nce(q, k, targets=None, *, num_negatives: Optional[int] = None
         targets = torch.arange(q.shape[0], device=q.device)
     s = _scale_arg(scale, temperature, 0.07)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s_rows = (s.detach().to(acc) if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=acc, device=q.device))
-    s_rows = s_rows.expand(q.shape[0]) if s_rows.dim() == 0 else s_rows
-    b = 0.0 if bias is None else (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else float(bias))
     thr = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
     if num_negatives is not None:
-        thr = topk_threshold(q, k, num_negatives, s_rows, b, targets=targets)
-    if min_similarity is not None:
-        thr = torch.maximum(thr, s_rows * float(min_similarity) + b)
+        thr = topk_threshold(q, k, num_negatives, s, bias, targets=targets)
+    if min_similarity is not None:  # similarity units -> the row's logit units
+        s_rows = s.detach().to(acc) if isinstance(s, torch.Tensor) else float(s)
+        b = 0.0 if bias is None else (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else float(bias))
+        thr = torch.clamp_min(thr, s_rows * float(min_similarity) + b)
     r = contrastive_lse(q, k, s, bias, targets=targets, neg_threshold=thr, outputs=("row_lse", "pos_sum", "pos_count"),
                         backend=backend)
     valid = r.pos_count > 0
@@ -617,17 +613,13 @@ def _teacher_weighted(teacher_q, teacher_k, teacher_scale, values):
     blockwise (FlashAttention / memory-efficient kernels on CUDA, the flash kernel on CPU), with
     the gradient for `values` only (the teacher has none). The flash kernels need equal head
     dimensions: the narrower side is zero-padded (dot products unchanged)."""
-    tq = teacher_q.detach()
-    tk = teacher_k.detach()
-    ts = teacher_scale.detach() if isinstance(teacher_scale, torch.Tensor) else float(teacher_scale)
-    if isinstance(ts, torch.Tensor):
-        ts = ts.to(tq.dtype)
-        tq = tq * (ts[:, None] if ts.dim() == 1 else ts)
-    else:
-        tq = tq * ts
+    # in the values' (student's) dtype, so the student's gradient keeps its precision
+    tq = teacher_q.detach().to(values.dtype)
+    tk = teacher_k.detach().to(values.dtype)
+    ts = teacher_scale.detach().to(values.dtype) if isinstance(teacher_scale, torch.Tensor) else float(teacher_scale)
+    tq = tq * (ts[:, None] if isinstance(ts, torch.Tensor) and ts.dim() == 1 else ts)
     dt, dv = tq.shape[1], values.shape[1]
-    tk = tk.to(tq.dtype)
-    v = values.to(tq.dtype)
+    v = values
     if dt < dv:
         tq = F.pad(tq, (0, dv - dt))
         tk = F.pad(tk, (0, dv - dt))
