@@ -83,3 +83,21 @@ def distill_clip_fwd_bwd(n: int, backend: str, d: int = 64, d_teacher: int = 96)
         return torch.autograd.grad(c + dl, (img, txt, scale))
 
     return run
+
+
+def token_logprobs_fwd_bwd(n: int, h: int, v: int, backend: str = "auto"):
+    import flashloss
+
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) / h ** 0.5).requires_grad_(True)
+    t = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+
+    def run():
+        if backend == "naive":
+            logp = flashloss.ref.token_logprobs(hidden, weight, t)["logp"]
+        else:
+            logp = flashloss.ops.token_logprobs(hidden, weight, t, backend=backend).logp
+        return torch.autograd.grad(logp, (hidden, weight), g)
+
+    return run

@@ -2,5 +2,7 @@
 Never a backend: they build every intermediate tensor whole, exactly as a plain PyTorch user would."""
 from .contrastive_lse import contrastive_lse
 from .row_logsumexp import row_logsumexp
+from . import token_logprobs as lm
+from .token_logprobs import logprobs_from_logits, token_logprobs
 
-__all__ = ["contrastive_lse", "row_logsumexp"]
+__all__ = ["contrastive_lse", "row_logsumexp", "lm", "token_logprobs", "logprobs_from_logits"]
