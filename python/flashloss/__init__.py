@@ -6,7 +6,7 @@ from . import _native
 _native.load(warn=True)  # warns once if flashloss._C is missing; the torch backend still serves
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
-from . import compat, contrastive, ops, ref  # noqa: E402
+from . import compat, contrastive, lm, ops, ref  # noqa: E402
 from .compat import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
 from .contrastive import (  # noqa: E402
     ISogCLRLoss,
@@ -30,11 +30,19 @@ from .contrastive import (  # noqa: E402
     supcon_loss,
     topk_threshold,
 )
-from .ops import contrastive_lse, row_logsumexp  # noqa: E402
+from .lm import focal_loss, linear_cross_entropy, vocab_kl  # noqa: E402
+from .ops import (  # noqa: E402
+    contrastive_lse,
+    logprobs_from_logits,
+    row_logsumexp,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive",
-    "ops", "ref", "contrastive_lse", "row_logsumexp",
+    "ops", "ref", "lm", "contrastive_lse", "row_logsumexp",
+    "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "linear_cross_entropy", "focal_loss", "vocab_kl",
     "info_nce", "margin_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
     "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
     "hard_negative_nce", "topk_threshold", "dexml_loss", "isogclr_loss", "ISogCLRLoss", "distill_clip_loss",

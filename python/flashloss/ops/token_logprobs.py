@@ -383,3 +383,208 @@ def token_logprobs(
             r = r.new_zeros(targets.numel()).index_copy(0, idx, r)
         out.append(r.reshape(lead))
     return TokenStats(*out)
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs_from_logits: for callers that already hold the logits. Row chunks of the logits are
+# upcast and reduced one at a time: extra memory O(N + chunk), never a log_softmax copy of [N, V].
+
+LOGITS_CHUNK_ELEMENTS = 1 << 22
+
+
+def _logit_row_chunks(n: int, v: int):
+    step = max(1, LOGITS_CHUNK_ELEMENTS // max(v, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+@torch.library.custom_op("flashloss::logprobs_from_logits", mutates_args=())
+def _logits_forward_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                       inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    logp = empty(n, dtype=acc, device=logits.device)
+    lse = empty(n, dtype=acc, device=logits.device)
+    for r0, r1 in _logit_row_chunks(n, v):
+        x = logits[r0:r1].to(acc)
+        if inv_temperature != 1.0:
+            x = x * inv_temperature
+        t = targets[r0:r1]
+        valid = t != ignore_index
+        lse_c = torch.logsumexp(x, dim=1)
+        zt = x.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+        logp[r0:r1] = torch.where(valid, zt - lse_c, 0.0)
+        lse[r0:r1] = lse_c
+    return logp, lse
+
+
+@_logits_forward_op.register_fake
+def _(logits, targets, ignore_index, inv_temperature):
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("flashloss::logprobs_from_logits_backward", mutates_args=())
+def _logits_backward_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                        ignore_index: int, inv_temperature: float) -> torch.Tensor:
+    """d logits = (g / T) (onehot - softmax(logits / T)), written chunk by chunk into the gradient."""
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    out = empty(n, v, dtype=logits.dtype, device=logits.device)
+    for r0, r1 in _logit_row_chunks(n, v):
+        x = logits[r0:r1].to(acc)
+        if inv_temperature != 1.0:
+            x = x * inv_temperature
+        t = targets[r0:r1]
+        valid = t != ignore_index
+        gc = torch.where(valid, g[r0:r1], 0.0) * inv_temperature
+        d = torch.exp(x - lse[r0:r1, None]).mul_(-gc[:, None])
+        d.scatter_add_(1, torch.where(valid, t, 0)[:, None], gc[:, None])
+        out[r0:r1] = d
+    return out
+
+
+@_logits_backward_op.register_fake
+def _(logits, targets, lse, g, ignore_index, inv_temperature):
+    return torch.empty_like(logits)
+
+
+def _logits_setup(ctx, inputs, output):
+    logits, targets, ignore_index, inv_temperature = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.args = (ignore_index, inv_temperature)
+
+
+def _logits_backward(ctx, g_logp, g_lse):
+    logits, targets, lse = ctx.saved_tensors
+    if g_logp is None:
+        return None, None, None, None
+    ignore_index, inv_temperature = ctx.args
+    d = _logits_backward_op(logits, targets, lse, g_logp.to(lse.dtype).contiguous(), ignore_index,
+                            inv_temperature)
+    return d, None, None, None
+
+
+_logits_forward_op.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) at the targets, for callers that already hold logits [..., V]
+    (TRL's `selective_log_softmax`): fp32 result of shape [...], 0 at ignore_index. Memory O(N)
+    beyond the logits and their gradient: rows are reduced in chunks, no log_softmax copy."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
+    inv_t, _, _ = _check_scalars(temperature, 1.0, None)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    lead, v = logits.shape[:-1], logits.shape[-1]
+    targets = _check_targets("targets", targets, lead, v, ignore_index, logits.device)
+    logp, _ = _logits_forward_op(logits.reshape(-1, v).contiguous(), targets.reshape(-1).contiguous(),
+                                 int(ignore_index), inv_t)
+    return logp.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence_logprobs: per-sequence sums and means with the causal shift
+
+
+class SequenceLogprobs(NamedTuple):
+    sum: torch.Tensor  # [B] sum of log-probs over scored tokens
+    mean: torch.Tensor  # [B] sum / max(1, count)
+    count: torch.Tensor  # [B] number of scored tokens (int64)
+    token_logp: torch.Tensor  # per scored position, 0 elsewhere ([B, T-1] padded / [Ntot] packed)
+
+
+def _shifted_targets(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[torch.Tensor]):
+    """Position t scores token t + 1 (causal LM); the last position of each sequence scores nothing."""
+    nxt = torch.full_like(labels, ignore_index)
+    nxt[..., :-1] = labels[..., 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:] - 1  # last position of each packed segment
+        nxt[ends[ends >= 0]] = ignore_index
+    return nxt
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+def sequence_logprobs(
+    hidden: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    logits: Optional[torch.Tensor] = None,
+    shift: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+) -> SequenceLogprobs:
+    """Per-sequence log-probs of `labels` (OBJECTIVES.md §2.2), from hidden states and the lm_head
+    (through token_logprobs, no logits) or from `logits=` (through logprobs_from_logits).
+
+    Padded batches: hidden [B, T, H] (or logits [B, T, V]) and labels [B, T]. Packed batches:
+    hidden [Ntot, H] and labels [Ntot] with `cu_seqlens` [S + 1] (int, cumulative segment starts,
+    cu_seqlens[0] = 0, cu_seqlens[-1] = Ntot). With `shift=True` (causal LMs) position t is scored
+    on labels[t + 1] within its sequence, exactly like `logits[:, :-1]` against `labels[:, 1:]`;
+    with shift=False each position is scored on its own label. Prompt and padding tokens carry
+    ignore_index and cost nothing. Returns SequenceLogprobs(sum, mean, count, token_logp); mean
+    divides by max(1, count), so a sequence with no scored token gives 0, not NaN.
+    """
+    if logits is not None:
+        if hidden is not None or weight is not None:
+            raise ValueError("give either hidden and weight, or logits=, not both")
+        src, src_name = logits, "logits"
+    else:
+        if hidden is None or weight is None:
+            raise ValueError("sequence_logprobs needs hidden and weight (or logits=)")
+        src, src_name = hidden, "hidden"
+    if labels is None:
+        raise ValueError("labels is required")
+    check_tensor(src_name, src, dim=(2, 3) if cu_seqlens is None else 2, dtypes=FLOAT_DTYPES)
+    check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=src.device)
+    if tuple(labels.shape) != tuple(src.shape[:-1]):
+        raise ValueError(f"labels must have shape {list(src.shape[:-1])} (the leading dimensions of "
+                         f"{src_name}), got {list(labels.shape)}")
+    labels = labels.long()
+    total = labels.numel()
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, dim=1, dtypes=(torch.int64, torch.int32), device=src.device)
+        cu_seqlens = cu_seqlens.long()
+        if not torch.compiler.is_compiling():
+            ok = cu_seqlens.numel() >= 1 and int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == total and \
+                bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all())
+            if not ok:
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at {total} (the number "
+                                 f"of packed tokens), got {cu_seqlens.tolist()}")
+    targets = _shifted_targets(labels, ignore_index, cu_seqlens) if shift else labels
+    if logits is not None:
+        token = logprobs_from_logits(logits, targets, ignore_index=ignore_index, temperature=temperature)
+    else:
+        token = token_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+                               logit_scale=logit_scale, softcap=softcap, backend=backend).logp
+    scored = targets != ignore_index
+    if cu_seqlens is None:
+        if labels.dim() == 1:  # a single unpacked sequence
+            token, scored = token[None], scored[None]
+        total_lp = token.sum(-1)
+        count = scored.sum(-1)
+        token_out = token[:, :-1] if shift else token
+        if labels.dim() == 1:
+            token_out = token_out[0]
+    else:
+        n_seq = cu_seqlens.shape[0] - 1
+        seg = _segment_ids(cu_seqlens, total)
+        total_lp = token.new_zeros(n_seq).index_add(0, seg, token)
+        count = torch.zeros(n_seq, dtype=torch.long, device=src.device).index_add(0, seg, scored.long())
+        token_out = token
+    mean = total_lp / count.clamp_min(1).to(total_lp.dtype)
+    return SequenceLogprobs(total_lp, mean, count, token_out)
