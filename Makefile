@@ -40,6 +40,9 @@ $(VENV)/.deps: $(VENV)/bin/python setup.py
 	$(PY) -m pip install -q ninja cmake numpy triton pytest pytest-benchmark hypothesis matplotlib \
 		pytorch-metric-learning
 	$(PY) -m pip install -q --no-deps open_clip_torch  # the tests load only its loss module
+	# anchors of primitive B and the preference losses (TRL, Cut Cross-Entropy, Liger-Kernel); torch
+	# stays pinned in the same resolver call
+	$(PY) -m pip install -q "$(TORCH_SPEC)" trl cut-cross-entropy liger-kernel
 	touch $@
 
 # The package itself, editable, with flashloss._C built against the installed torch (rebuilt
