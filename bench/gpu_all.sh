@@ -5,7 +5,9 @@
 #   2. flashloss info
 #   3. the GPU-marked tests, then the whole suite, then the Triton interpreter tests
 #   4. ctest + the nvcc compile check (ptxas report)
-#   5. the full benchmark on the GPU
+#   5. the full benchmark on the GPU: every case, including the GPU targets (clip_loss_gpu_target,
+#      token_logprobs_gpu_target) and primitive B against TRL, Cut Cross-Entropy and Liger-Kernel
+#      (token_logprobs, linear_cross_entropy)
 # Results go to $OUT (default bench/out/gpu): logs, results.json/.md, plots.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -49,17 +49,30 @@ def _info() -> int:
     return 0
 
 
+def _parse_size(text: str) -> dict[str, int]:
+    """'N=4096,H=1024,V=32768' -> {'N': 4096, 'H': 1024, 'V': 32768}."""
+    size: dict[str, int] = {}
+    for part in text.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not key.strip() or not val.strip().isdigit():
+            raise ValueError(f"expected KEY=INT[,KEY=INT...], got {text!r}")
+        size[key.strip()] = int(val)
+    return size
+
+
 def _bench(args) -> int:
     import torch
 
     from flashloss.benchmark.harness import all_cases
-    from flashloss.benchmark.report import format_terminal, run_bench
+    from flashloss.benchmark.report import case_sizes, format_terminal, run_bench
 
     if args.list:
         for name, case in sorted(all_cases().items()):
             print(f"{name}: {case.description}")
             print(f"  quick sizes: {[case.label(s) for s in case.sizes_quick]}")
             print(f"  full sizes:  {[case.label(s) for s in case.sizes_full]}")
+            if not case.in_quick_report:
+                print("  not in the default quick report (run with --full, or --quick --case " + name + ")")
             print(f"  implementations: {', '.join(i.name for i in case.impls)}")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,9 +84,21 @@ def _bench(args) -> int:
         if name not in known:
             print(f"flashloss bench: unknown case {name!r}; known: {', '.join(sorted(known))}", file=sys.stderr)
             return 2
+    sizes = None
+    if args.size:
+        if not args.case:
+            print("flashloss bench: --size needs --case (sizes are per case)", file=sys.stderr)
+            return 2
+        try:
+            sizes = [_parse_size(text) for text in args.size]
+            for name in args.case:
+                case_sizes(known[name], not args.full, sizes)
+        except ValueError as exc:
+            print(f"flashloss bench: --size: {exc}", file=sys.stderr)
+            return 2
     command = "flashloss bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "flashloss bench"
     report = run_bench(args.case, device, quick=not args.full, out_dir=args.out,
-                       memory=not args.no_memory, impls=args.impl, command=command.strip())
+                       memory=not args.no_memory, impls=args.impl, command=command.strip(), sizes=sizes)
     print(format_terminal(report["results"]))
     print(f"\nceiling: {report['ceiling']['matmul_dtype']} matmul "
           f"{report['ceiling']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy "
@@ -93,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="the full size sweep")
     bench.add_argument("--case", action="append", help="run only this case (repeatable)")
     bench.add_argument("--impl", action="append", help="run only this implementation (repeatable)")
+    bench.add_argument("--size", action="append", metavar="K=V,...",
+                       help="with --case: run this size instead of the case's list, e.g. N=4096,H=1024,V=32768 "
+                            "(repeatable; timing repeats still follow --quick/--full)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--out", default="flashloss-bench", help="output folder (default ./flashloss-bench)")
     bench.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurement")

@@ -293,3 +293,281 @@ register_case(BenchCase(
         for b in FLASHLOSS_BACKENDS if b != "cpu"
     ],
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitive B: per-token log-probs and cross-entropy through the lm_head.
+# Inputs: hidden [N, H], lm_head weight [V, H] (scaled so that logits are O(1)), targets [N] with no
+# ignored token (flashloss drops ignored rows before the matmul; a fair comparison has none).
+
+
+def flashloss_op_available(op: str, backend: str):
+    """flashloss_available, and `op` must have an implementation for `backend`: the backends of a
+    primitive land one at a time, and a missing one is reported, not run into an error."""
+    generic = flashloss_available(backend)
+
+    def check(device: str) -> tuple[bool, str]:
+        from .. import ops  # noqa: F401  (registers every op)
+
+        entry = _backend.registered_ops().get(op)
+        if entry is None:
+            return False, f"flashloss has no op {op!r}"
+        if backend not in entry.impls:
+            return False, f"{op} has no {backend} backend yet (has: {', '.join(sorted(entry.impls))})"
+        return generic(device)
+
+    return check
+
+
+def _lm_inputs(size: Size, device: str, dtype: torch.dtype):
+    n, h, v = size["N"], size["H"], size["V"]
+    gen = torch.Generator(device=device).manual_seed(sum(size.values()))
+    f = dict(generator=gen, device=device)
+    hidden = torch.randn(n, h, **f).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, **f) * h ** -0.5).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), **f)
+    g = torch.randn(n, **f)  # per-token upstream gradient: random, never ones
+    return hidden, weight, targets, g
+
+
+def _tlp_setup(make_fn):
+    """run() = per-token logp [N] (fp32) -> backward with a random per-token upstream gradient."""
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        hidden, weight, targets, g = _lm_inputs(size, device, dtype)
+        fn = make_fn()
+
+        def run():
+            logp = fn(hidden, weight, targets)
+            return torch.autograd.grad(logp, (hidden, weight), g.to(logp.dtype))
+
+        return run
+
+    return setup
+
+
+def _tlp_naive():
+    """The plain-PyTorch trainer path, as in flashloss.ref: the whole logits, their log_softmax (in
+    fp32), a gather. Written out rather than calling the oracle: flashloss.ref.token_logprobs also
+    computes LSE, entropy, sum of logits and log sum p^2 over the whole logits, and ref.logits
+    applies logit_scale and temperature as two more full passes even when they are 1; either would
+    overstate the naive cost."""
+    def fn(hidden, weight, targets):
+        z = hidden @ weight.T
+        return torch.log_softmax(z.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+    return fn
+
+
+TRL_SEQ_LEN = 512
+
+
+def _tlp_trl():
+    """TRL 1.x: logits = hidden @ W^T as [B, T, V] (T = 512 tokens per sequence, as the trainers
+    call it), then `selective_log_softmax(logits, targets)`. On CPU fp32 that is a gather and a
+    logsumexp per sequence; on CUDA TRL switches to its fused Triton log-prob kernel."""
+    from trl.trainer.utils import selective_log_softmax
+
+    def fn(hidden, weight, targets):
+        n = hidden.shape[0]
+        t = TRL_SEQ_LEN if n % TRL_SEQ_LEN == 0 else n
+        logits = (hidden @ weight.T).view(n // t, t, -1)
+        return selective_log_softmax(logits, targets.view(n // t, t)).reshape(n)
+
+    return fn
+
+
+def _tlp_cce(impl: str):
+    """Cut Cross-Entropy: `linear_cross_entropy(e, c, targets, reduction='none')` is -logp per
+    token. impl 'cce' is its Triton kernel (CUDA; default filter_eps='high' gradient filtering);
+    'torch_compile' is its portable path: torch.compile of the dense logits + cross_entropy."""
+    def make():
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda hidden, weight, targets: -linear_cross_entropy(hidden, weight, targets,
+                                                                     reduction="none", impl=impl)
+
+    return make
+
+
+def _tlp_liger():
+    """Liger-Kernel's fused linear cross-entropy with reduction='none' (-logp per token; since 0.8.5
+    the per-token upstream gradient is applied in a recomputing backward). Triton, CUDA only."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda hidden, weight, targets: -liger_fused_linear_cross_entropy(hidden, weight, targets,
+                                                                             reduction="none")
+
+
+def _tlp_flashloss(backend: str):
+    def make():
+        from ..ops import token_logprobs
+
+        return lambda hidden, weight, targets: token_logprobs(hidden, weight, targets, backend=backend).logp
+
+    return make
+
+
+def _lm_flops(size: Size) -> float:
+    # useful work, the same count for every implementation: forward logits 2NHV, backward
+    # dhidden 2NHV + dweight 2NHV (recomputing implementations do 8NHV; the dense ones 6NHV)
+    return 6.0 * size["N"] * size["H"] * size["V"]
+
+
+def _lm_min_bytes(size: Size, dtype: torch.dtype) -> float:
+    # read hidden and weight once, write their gradients once; targets (int64), upstream gradient
+    # and output (fp32) per token
+    n, h, v = size["N"], size["H"], size["V"]
+    return 2.0 * (n * h + v * h) * torch.finfo(dtype).bits / 8 + n * (8 + 4 + 4)
+
+
+def _logits_bytes(factor: float):
+    # the dense paths hold ~factor N x V fp32 tensors at their peak (logits, log_softmax, gradients)
+    return lambda size, device, dtype: factor * size["N"] * size["V"] * 4
+
+
+def _cce_installed():
+    return _installed("cut_cross_entropy", "cut-cross-entropy")
+
+
+def _liger_installed():
+    return _installed("liger_kernel", "Liger-Kernel (liger-kernel)")
+
+
+_LM_SIZES_QUICK = [{"N": 512, "H": 256, "V": 8192}]
+# the CPU target of issue #5 is N=4096, H=1024, V=32768 (fp32)
+_LM_SIZES_FULL = [{"N": 4096, "H": 1024, "V": v} for v in (8192, 32768, 131072)]
+
+
+def _tlp_impls(cuda_only: bool = False) -> list[Impl]:
+    gate = _cuda_and if cuda_only else (lambda check: check)
+    backends = [b for b in FLASHLOSS_BACKENDS if not (cuda_only and b == "cpu")]
+    return [
+        Impl("naive", "naive", _tlp_setup(_tlp_naive), gate(_always), estimate_bytes=_logits_bytes(4)),
+        Impl("trl_selective_log_softmax", "peer", _tlp_setup(_tlp_trl), gate(_installed("trl", "trl")),
+             estimate_bytes=_logits_bytes(4)),
+        Impl("cce", "peer", _tlp_setup(_tlp_cce("cce")), _cuda_and(_cce_installed())),
+        Impl("cce[torch_compile]", "peer", _tlp_setup(_tlp_cce("torch_compile")), gate(_cce_installed()),
+             estimate_bytes=_logits_bytes(4)),
+        Impl("liger", "peer", _tlp_setup(_tlp_liger), _cuda_and(_liger_installed())),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _tlp_setup(_tlp_flashloss(b)),
+             gate(flashloss_op_available("token_logprobs", b)))
+        for b in backends
+    ]
+
+
+register_case(BenchCase(
+    name="token_logprobs",
+    description=("per-token log p(target) from hidden [N,H] and lm_head [V,H] (primitive B), forward + "
+                 "backward with a random per-token upstream gradient; FLOPs counted 6NHV for all"),
+    sizes_quick=_LM_SIZES_QUICK,
+    sizes_full=_LM_SIZES_FULL,
+    flops=_lm_flops,
+    min_bytes=_lm_min_bytes,
+    x_key="V",
+    warmup_size={"N": 64, "H": 32, "V": 256},
+    impls=_tlp_impls(),
+    in_quick_report=False,  # ~1 minute alone at its quick size (TRL import, torch.compile): --full or --case
+))
+
+# GPU target of issue #5: N=16384 tokens, H=4096, V=128256 (Llama 3 vocabulary), bf16. CUDA only
+# (on a CPU every implementation reports "runs on CUDA only").
+register_case(BenchCase(
+    name="token_logprobs_gpu_target",
+    description="per-token log-probs at N=16384, H=4096, V=128256 (GPU target), forward + backward, bf16",
+    sizes_quick=[{"N": 16384, "H": 4096, "V": 128256}],
+    sizes_full=[{"N": n, "H": 4096, "V": 128256} for n in (4096, 8192, 16384)],
+    flops=_lm_flops,
+    min_bytes=_lm_min_bytes,
+    x_key="N",
+    warmup_size={"N": 64, "H": 64, "V": 256},
+    impls=_tlp_impls(cuda_only=True),
+    in_quick_report=False,
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy: mean cross-entropy of hidden @ W^T against targets, scalar loss, forward +
+# backward (the SFT / pretraining loss).
+
+
+def _lce_setup(make_fn):
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        hidden, weight, targets, _ = _lm_inputs(size, device, dtype)
+        fn = make_fn()
+
+        def run():
+            return torch.autograd.grad(fn(hidden, weight, targets), (hidden, weight))
+
+        return run
+
+    return setup
+
+
+def _lce_naive():
+    # what HF-style trainers do: the whole logits, upcast, torch's cross_entropy
+    return lambda hidden, weight, targets: torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets)
+
+
+def _lce_cce(impl: str):
+    def make():
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda hidden, weight, targets: linear_cross_entropy(hidden, weight, targets, impl=impl)
+
+    return make
+
+
+def _lce_liger():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda hidden, weight, targets: liger_fused_linear_cross_entropy(hidden, weight, targets)
+
+
+def _lce_flashloss(backend: str):
+    def make():
+        import flashloss
+
+        lce = flashloss.linear_cross_entropy
+        return lambda hidden, weight, targets: lce(hidden, weight, targets, backend=backend)
+
+    return make
+
+
+def _lce_flashloss_available(backend: str):
+    """flashloss.linear_cross_entropy runs on primitive B: it needs that function and the backend
+    of token_logprobs."""
+    op_check = flashloss_op_available("token_logprobs", backend)
+
+    def check(device: str) -> tuple[bool, str]:
+        import flashloss
+
+        if not callable(getattr(flashloss, "linear_cross_entropy", None)):
+            return False, "flashloss.linear_cross_entropy does not exist in this version"
+        return op_check(device)
+
+    return check
+
+
+register_case(BenchCase(
+    name="linear_cross_entropy",
+    description=("mean cross-entropy of hidden [N,H] @ lm_head [V,H]^T against targets, scalar loss, "
+                 "forward + backward; FLOPs counted 6NHV for all"),
+    sizes_quick=_LM_SIZES_QUICK,
+    sizes_full=_LM_SIZES_FULL,
+    flops=_lm_flops,
+    min_bytes=_lm_min_bytes,
+    x_key="V",
+    warmup_size={"N": 64, "H": 32, "V": 256},
+    impls=[
+        Impl("naive", "naive", _lce_setup(_lce_naive), estimate_bytes=_logits_bytes(4)),
+        Impl("cce", "peer", _lce_setup(_lce_cce("cce")), _cuda_and(_cce_installed())),
+        Impl("cce[torch_compile]", "peer", _lce_setup(_lce_cce("torch_compile")), _cce_installed(),
+             estimate_bytes=_logits_bytes(4)),
+        Impl("liger", "peer", _lce_setup(_lce_liger), _cuda_and(_liger_installed())),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _lce_setup(_lce_flashloss(b)), _lce_flashloss_available(b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+    in_quick_report=False,
+))

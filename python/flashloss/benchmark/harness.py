@@ -46,6 +46,9 @@ class BenchCase:
     warmup_size: Size | None = None
     # module that registers this case: the memory subprocess imports it to find the case again
     defined_in: str = "flashloss.benchmark.cases"
+    # False: `flashloss bench --quick` without --case leaves the case out (its anchors' imports and
+    # compilation alone would take longer than the whole quick report); --full and --case run it
+    in_quick_report: bool = True
 
     def label(self, size: Size) -> str:
         return " ".join(f"{k}={v}" for k, v in size.items())

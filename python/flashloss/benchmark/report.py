@@ -71,11 +71,23 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
+def case_sizes(case: BenchCase, quick: bool, sizes: list[dict[str, int]] | None = None) -> list[dict[str, int]]:
+    """The sizes to run: `sizes` if given (each must name exactly the case's size keys), else the
+    case's quick or full list."""
+    if not sizes:
+        return case.sizes_quick if quick else case.sizes_full
+    keys = set((case.sizes_quick or case.sizes_full)[0])
+    for size in sizes:
+        if set(size) != keys:
+            raise ValueError(f"case {case.name} takes sizes with keys {sorted(keys)}, got {sorted(size)}")
+    return [dict(s) for s in sizes]
+
+
 def run_case(case: BenchCase, device: str, quick: bool, ceiling: dict[str, Any], memory: bool,
              progress: Progress, impl_filter: list[str] | None = None,
-             sys_path: list[str] | None = None) -> list[dict[str, Any]]:
+             sys_path: list[str] | None = None, sizes: list[dict[str, int]] | None = None) -> list[dict[str, Any]]:
     dtype = case.dtypes[device]
-    sizes = case.sizes_quick if quick else case.sizes_full
+    sizes = case_sizes(case, quick, sizes)
     budget = memory_budget_bytes(device)
     rows: list[dict[str, Any]] = []
     for size in sizes:
@@ -258,18 +270,28 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
     return written
 
 
+def select_cases(case_names: list[str] | None, quick: bool) -> list[BenchCase]:
+    """The named cases; without names every case, less those kept out of the quick report."""
+    cases = all_cases()
+    if case_names:
+        return [cases[n] for n in case_names]
+    return [c for c in cases.values() if c.in_quick_report or not quick]
+
+
 def run_bench(case_names: list[str] | None, device: str, quick: bool, out_dir: str,
               memory: bool = True, impls: list[str] | None = None, command: str = "",
-              sys_path: list[str] | None = None) -> dict[str, Any]:
-    cases = all_cases()
-    selected = [cases[n] for n in case_names] if case_names else list(cases.values())
-    sizes = sum(len(c.sizes_quick if quick else c.sizes_full) * len(c.impls) for c in selected)
-    progress = Progress(sizes + 1)
+              sys_path: list[str] | None = None, sizes: list[dict[str, int]] | None = None) -> dict[str, Any]:
+    """Runs the named cases (default: all; in quick mode all with in_quick_report) at their quick
+    or full sizes, or at `sizes` when given, and writes the report to out_dir."""
+    selected = select_cases(case_names, quick)
+    # (a size that does not fit a case raises here, before any work)
+    total = sum(len(case_sizes(c, quick, sizes)) * len(c.impls) for c in selected)
+    progress = Progress(total + 1)
     progress.step("machine ceiling")
     ceiling = measure_ceiling(device, quick=quick)
     results: list[dict[str, Any]] = []
     for case in selected:
-        results += run_case(case, device, quick, ceiling, memory, progress, impls, sys_path)
+        results += run_case(case, device, quick, ceiling, memory, progress, impls, sys_path, sizes)
     report = {
         "flashloss": __version__,
         "mode": "quick" if quick else "full",
