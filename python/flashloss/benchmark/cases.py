@@ -376,6 +376,17 @@ def _tlp_trl():
     return fn
 
 
+def _tlp_trl_chunked():
+    """TRL 1.x's own fused LM head (`trl.kernels.ChunkedLogProbFunction`, what `add_fused_lm_head`
+    runs inside DPOTrainer/GRPOTrainer): cuBLAS/BLAS tiles of [tokens, 32768 vocabulary] folded
+    into online-LSE statistics (a Triton kernel on CUDA, torch ops elsewhere), recompute in backward.
+    Only log_probs requested."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    return lambda hidden, weight, targets: ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768,
+                                                                        None, 1.0, ())[0]
+
+
 def _tlp_cce(impl: str):
     """Cut Cross-Entropy: `linear_cross_entropy(e, c, targets, reduction='none')` is -logp per
     token. impl 'cce' is its Triton kernel (CUDA; default filter_eps='high' gradient filtering);
@@ -445,6 +456,7 @@ def _tlp_impls(cuda_only: bool = False) -> list[Impl]:
         Impl("naive", "naive", _tlp_setup(_tlp_naive), gate(_always), estimate_bytes=_logits_bytes(4)),
         Impl("trl_selective_log_softmax", "peer", _tlp_setup(_tlp_trl), gate(_installed("trl", "trl")),
              estimate_bytes=_logits_bytes(4)),
+        Impl("trl_chunked", "peer", _tlp_setup(_tlp_trl_chunked), gate(_installed("trl", "trl"))),
         Impl("cce", "peer", _tlp_setup(_tlp_cce("cce")), _cuda_and(_cce_installed())),
         Impl("cce[torch_compile]", "peer", _tlp_setup(_tlp_cce("torch_compile")), gate(_cce_installed()),
              estimate_bytes=_logits_bytes(4)),
