@@ -1,7 +1,7 @@
 """Issue #5 target for primitive B on the CPU: forward+backward of token_logprobs(...).logp with a
 random upstream at N=4096, H=1024, V=32768 (fp32), against naive PyTorch (full logits,
-log_softmax, gather, autograd). Wall time: median of --reps runs after one warm-up at a small
-size; peak extra memory: flashloss.benchmark.memory in a fresh subprocess (tests/memory_targets.py
+log_softmax, gather, autograd). Wall time: median of --reps runs (interleaved across backends) after one
+warm-up at a small size; peak extra memory: flashloss.benchmark.memory in a fresh subprocess (tests/memory_targets.py
 token_logprobs_fwd_bwd). Also reports the machine's fp32 matmul ceiling and the achieved rate
 (8NHV FLOPs for flashloss, 6NHV for naive).
 
@@ -59,13 +59,20 @@ def main():
     weight = (torch.randn(a.v, a.h, generator=gen) / a.h ** 0.5).requires_grad_(True)
     t = torch.randint(0, a.v, (a.n,), generator=gen)
     g = torch.randn(a.n, generator=gen)
-    for backend in a.backends.split(","):
+    backends = a.backends.split(",")
+    for backend in backends:
         run_once(backend, hidden[:64].detach().requires_grad_(True), weight[:512].detach().requires_grad_(True),
                  t[:64] % 512, g[:64])
-        times = [run_once(backend, hidden, weight, t, g) for _ in range(a.reps)]
-        med = statistics.median(times)
+    # interleaved (rep by rep over the backends), so that load from other processes on a shared
+    # machine hits every backend alike
+    times = {b: [] for b in backends}
+    for _ in range(a.reps):
+        for backend in backends:
+            times[backend].append(run_once(backend, hidden, weight, t, g))
+    for backend in backends:
+        med = statistics.median(times[backend])
         flops = (6 if backend == "naive" else 8) * a.n * a.h * a.v
-        line = (f"{backend:6s} time {med:7.2f} s (runs {', '.join(f'{x:.2f}' for x in times)}); "
+        line = (f"{backend:6s} time {med:7.2f} s (runs {', '.join(f'{x:.2f}' for x in times[backend])}); "
                 f"{flops / med / 1e9:6.1f} GFLOP/s = {flops / med / 1e9 / ceiling:.0%} of ceiling")
         if a.memory:
             r = measure_peak_extra("memory_targets:token_logprobs_fwd_bwd",
