@@ -809,7 +809,7 @@ struct CudaTlp {
     set_tile(r0, rows, c0, cols);
     at::Tensor dx = tile;
     if (lowp_gemm) {
-      if (!dx_lp.defined()) dx_lp = at::empty({tile.numel() > 0 ? tile.numel() : 1}, in.hidden.options());
+      if (!dx_lp.defined() || dx_lp.numel() < rows * cols) dx_lp = at::empty({rows * cols}, in.hidden.options());
       dx = dx_lp.narrow(0, 0, rows * cols).view({rows, cols});
     }
     // the fp32 dx stays in the tile where the GEMMs read it, or where dbias sums it

@@ -1,12 +1,12 @@
 // CPU epilogues of primitive B (flashloss.ops.token_logprobs, backend 'cpu').
 //
 // Tiling (csrc/ops.cpp): vocabulary chunks of C columns (outer loop) x row blocks of R rows
-// (inner loop; by default one block of all rows, R*C <= 2^22 fp32 = 16 MB). Per tile the caller
+// (inner loop; by default C = 1024 and R = 4096 rows: 2^22 fp32 = 16 MB). Per tile the caller
 // runs one GEMM x = hidden_blk W_chunk^T [R, C] into a reused fp32 (fp64) buffer and calls these
 // functions, which work row by row (OpenMP over rows, 8 fp32 lanes via csrc/cpu/lanes.h; the
 // fp64 path is scalar with libm):
 //   forward:  pass 1 over the row: z = logit(x + b) written back, chunk max, sum z, target z;
-//             pass 2 over the same row (now in L1: C fp32 = 8 KB for C = 2048):
+//             pass 2 over the same row (now in L1: C fp32 = 4 KB for C = 1024):
 //             e = exp(z - m_c), sum e, sum e (z - m_c) (entropy), sum e^2 (log sum p^2);
 //             the chunk's VocabState is merged into the row's running state (core::vocab_merge).
 //   backward: one pass: dx = (p (c0 + c1 u) + s) dz/dx with u = z - lse, p = e^u, written in
