@@ -50,10 +50,13 @@ def main():
           f"{torch.get_num_threads()} threads", flush=True)
     x = torch.randn(4096, 4096)
     x @ x
-    t0 = time.perf_counter()
-    x @ x
-    ceiling = 2 * 4096 ** 3 / (time.perf_counter() - t0) / 1e9
-    print(f"fp32 matmul ceiling (4096^3): {ceiling:.1f} GFLOP/s", flush=True)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - t0)
+    ceiling = 2 * 4096 ** 3 / best / 1e9
+    print(f"fp32 matmul ceiling (4096^3, best of 3): {ceiling:.1f} GFLOP/s", flush=True)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.n, a.h, generator=gen).requires_grad_(True)
     weight = (torch.randn(a.v, a.h, generator=gen) / a.h ** 0.5).requires_grad_(True)

@@ -230,7 +230,8 @@ _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
 def _register_native() -> None:
     if _native.load(warn=False) and hasattr(_native.ops(), "token_logprobs_forward"):
         _IMPLS["cpu"] = (_native_forward, _native_backward)
-        # measured (bench/token_logprobs_cpu_target.py, issue #5): faster than the torch backend
+        # measured (bench/token_logprobs_cpu_target.py, issue #5; N=4096, H=1024, V=32768 fp32,
+        # forward+backward, medians of 3): cpu 7.97-9.13 s, torch 9.45-10.49 s, naive 7.35-8.77 s
         _AUTO["cpu"] = ("cpu", "torch")
         _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
 
