@@ -8,21 +8,24 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <torch/version.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <vector>
 
 #include "cpu/contrastive_lse.h"
 #include "cpu/row_logsumexp.h"
+#include "cpu/token_logprobs.h"
 #ifdef FLASHLOSS_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-
 #include "cuda/contrastive_lse.h"
 #include "cuda/row_logsumexp.h"
+#include "cuda/token_logprobs.h"
 #endif
 
 namespace {
@@ -184,6 +187,16 @@ flashloss::cpu::ContrastiveProblem<T> problem(const Prepared& pr, const std::opt
   p.exclude_positives = exclude_positives;
   p.sigmoid = sigmoid;
   return p;
+}
+
+// Gradient outputs are allocated here (the op returns them); like the Python layer's `empty`
+// (python/flashloss/_debug.py, DESIGN.md §6) they start as NaN when FLASHLOSS_POISON=1, so an
+// element a kernel forgot to write fails the tests.
+at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  const char* poison = std::getenv("FLASHLOSS_POISON");
+  if (poison != nullptr && poison[0] == '1' && poison[1] == '\0') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 template <typename T>
@@ -430,16 +443,6 @@ void contrastive_lse_forward_cuda(const at::Tensor& q, const at::Tensor& k_all, 
       data_or_null(col_pos_sum), data_or_null(row_sigmoid), c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-// Gradient outputs are allocated here (the op returns them); like the Python layer's `empty`
-// (python/flashloss/_debug.py, DESIGN.md §6) they start as NaN when FLASHLOSS_POISON=1, so an
-// element a kernel forgot to write fails the tests.
-at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  auto t = at::empty(sizes, opts);
-  const char* poison = std::getenv("FLASHLOSS_POISON");
-  if (poison != nullptr && poison[0] == '1' && poison[1] == '\0') t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
 // An upstream statistic or gradient: empty (term absent) or a contiguous [size] tensor in acc.
 void check_in_cuda(const at::Tensor& t, int64_t size, at::ScalarType dt, const at::Device& dev, const char* name) {
   TORCH_CHECK(t.numel() == 0 || (t.dim() == 1 && t.size(0) == size && t.is_contiguous() && t.scalar_type() == dt &&
@@ -491,6 +494,396 @@ std::vector<at::Tensor> contrastive_lse_backward_cuda(
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Primitive B (flashloss.ops.token_logprobs) on CPU and CUDA: the logits never exist whole. One
+// loop, shared by both devices, walks vocabulary chunks of C columns (outer) x row blocks of R
+// rows (inner; by default a single block of all rows), computes each raw-logit tile
+// x = hidden_blk W_chunk^T [R, C] with a GEMM into one reused buffer in the accumulation dtype
+// (torch's BLAS on the CPU, cuBLAS on CUDA) and hands the tile to the device's fused epilogue
+// (csrc/cpu/token_logprobs.cpp, csrc/cuda/token_logprobs.cu; math in csrc/core/token_logprobs.h):
+//   forward  per tile: stats epilogue (online max / sum e^(z-m) / entropy and sum-p^2 sums,
+//            sum z, target logit) into an [N] row state; at the end the five [N] outputs.
+//   backward per tile: recompute x, epilogue turns it into dx = dz dz/dx in place, then
+//            dhidden_blk (+)= dx W_chunk, dW_chunk (+)= dx^T hidden_blk (straight into dW's rows:
+//            written, not accumulated, when there is one row block), dbias_chunk (+)= column sums.
+// FLOPs: forward 2NHV, backward 6NHV (recompute + two GEMMs); the epilogues add O(NV) work.
+// Extra memory: the tile (R*C acc elements: 16 MB on the CPU by default), the [N] row state
+// (6 acc values per row), and for bf16/fp16 inputs the fp32 operands the GEMMs need (below).
+// Saved for backward (by the Python layer): the inputs by reference, lse and (when its gradient
+// can be asked for) entropy.
+//
+// bf16 / fp16 inputs: statistics, tiles and gradients are fp32. The CPU upcasts hidden once
+// (N*H fp32, the size of the dhidden it returns anyway) and each weight chunk when it is used
+// (C*H fp32). CUDA, with torch >= 2.9, keeps 16-bit operands and asks cuBLAS for fp32 output
+// (aten::mm.dtype_out: fp32 accumulation on tensor cores); the backward GEMMs then take dx rounded
+// to the input dtype (as flash-attention does with dP), and accumulating GEMMs (dhidden across
+// chunks, dW across row blocks) go through an fp32 temporary of the output block's size
+// (aten::addmm.dtype requires `self` in the input dtype, so it cannot accumulate into fp32).
+// With an older torch CUDA upcasts like the CPU.
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define FLASHLOSS_HAVE_MM_OUT_DTYPE 1
+#endif
+
+// CPU tile: 1024 columns x 4096 rows (16 MB). Measured at N=4096, H=1024, V=32768 fp32 on a 2-core
+// AVX2 machine (bench/token_logprobs_cpu_target.py): 2048x4096, 2048x2048 and 512x4096 tiles run
+// within noise of it (~7-8 s forward+backward, ~95% of the machine's fp32 matmul rate), so the
+// smallest memory wins. The epilogues take ~2% of the time; the loop's own overhead is below that.
+constexpr int64_t kTlpCpuTileElements = int64_t(1) << 22;  // 16 MB of fp32 per CPU logits tile
+constexpr int64_t kTlpCpuVocabChunk = 1024;
+// CUDA tile: not measured yet (no GPU here); large enough for cuBLAS to run at full rate.
+constexpr int64_t kTlpCudaTileElements = int64_t(1) << 25;  // 128 MB of fp32 per CUDA tile
+constexpr int64_t kTlpCudaVocabChunk = 8192;
+
+struct TlpInputs {
+  at::Tensor hidden, weight, bias, targets;  // bias: in the accumulation dtype, or undefined
+  int64_t n, h, v;
+  at::ScalarType acc;
+};
+
+TlpInputs tlp_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& targets) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "flashloss: hidden must be a contiguous [N, H] tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden.size(1),
+              "flashloss: weight must be a contiguous [V, H] tensor with H = ", hidden.size(1));
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type() && weight.device() == hidden.device(),
+              "flashloss: weight must have hidden's dtype and device");
+  TORCH_CHECK(weight.size(0) >= 1, "flashloss: the vocabulary must not be empty");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.is_contiguous() &&
+              targets.scalar_type() == at::kLong && targets.device() == hidden.device(),
+              "flashloss: targets must be a contiguous int64 [N] tensor on hidden's device");
+  dtype_code(hidden);  // rejects anything but fp32 / fp64 / bf16 / fp16
+  TlpInputs in;
+  in.hidden = hidden;
+  in.weight = weight;
+  in.targets = targets;
+  in.n = hidden.size(0);
+  in.h = hidden.size(1);
+  in.v = weight.size(0);
+  in.acc = stat_dtype(hidden);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.v && bias->scalar_type() == hidden.scalar_type() &&
+                bias->device() == hidden.device(), "flashloss: bias must be a [V] tensor like weight");
+    in.bias = bias->to(in.acc).contiguous();
+  }
+  return in;
+}
+
+struct TlpTiles {
+  int64_t rows, cols;
+};
+
+// Tests force tiny tiles (ops.token_logprobs.TILE) to cross every boundary; 0 = automatic: C
+// vocabulary columns and as many rows as fit the element budget.
+TlpTiles tlp_tiles(const TlpInputs& in, int64_t rows, int64_t cols, int64_t elements, int64_t chunk) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "flashloss: tile sizes must be >= 0");
+  TlpTiles t;
+  t.cols = std::min(in.v, cols > 0 ? cols : chunk);
+  t.rows = rows > 0 ? rows : std::max<int64_t>(1, elements / t.cols);
+  t.rows = std::max<int64_t>(1, std::min(t.rows, in.n));
+  return t;
+}
+
+// out = a b, or out += a b. a and b are in out's dtype, or (CUDA) both 16-bit with out fp32.
+void tlp_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == out.scalar_type()) {
+    if (accumulate) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+    return;
+  }
+#ifdef FLASHLOSS_HAVE_MM_OUT_DTYPE
+  if (accumulate) out.add_(at::mm(a, b, out.scalar_type()));
+  else at::mm_out(out, a, b, out.scalar_type());
+#else
+  TORCH_CHECK(false, "flashloss: mixed-dtype GEMM needs torch >= 2.9");
+#endif
+}
+
+// Which outputs: the non-empty tensors (the Python layer allocates [N] or empty(0) per output).
+void check_tlp_out(const at::Tensor& t, const TlpInputs& in, const char* name) {
+  check_out(t, in.n, in.acc, name);
+  TORCH_CHECK(t.numel() == 0 || t.device() == in.hidden.device(), "flashloss: output ", name, " must be on ",
+              in.hidden.device());
+}
+
+// An [N] input of the backward (statistic or upstream gradient): empty (absent) or contiguous.
+void check_tlp_in(const at::Tensor& t, const TlpInputs& in, const char* name) {
+  TORCH_CHECK(t.numel() == 0 || (t.dim() == 1 && t.size(0) == in.n && t.is_contiguous() &&
+                                 t.scalar_type() == in.acc && t.device() == in.hidden.device()),
+              "flashloss: ", name, " must be a contiguous [", in.n, "] ", in.acc, " tensor on ",
+              in.hidden.device(), " or empty");
+}
+
+// The device-independent loops. `K` supplies the epilogues and the GEMM operand dtype:
+//   at::Tensor operand(const at::Tensor&)       hidden / weight chunk as the GEMMs take them
+//   void forward(r0, rows, c0, cols, tile)      stats epilogue
+//   at::Tensor backward(r0, rows, c0, cols, tile)   dx epilogue; returns dx as the GEMMs take it
+template <class K>
+void tlp_forward_loop(const TlpInputs& in, const TlpTiles& tl, K& k) {
+  if (in.n == 0) return;
+  const auto hid = k.operand(in.hidden);
+  auto buf = at::empty({tl.rows * tl.cols}, in.hidden.options().dtype(in.acc));
+  for (int64_t c0 = 0; c0 < in.v; c0 += tl.cols) {
+    const int64_t cw = std::min(tl.cols, in.v - c0);
+    const auto w_t = k.operand(in.weight.narrow(0, c0, cw)).t();
+    for (int64_t r0 = 0; r0 < in.n; r0 += tl.rows) {
+      const int64_t rw = std::min(tl.rows, in.n - r0);
+      auto tile = buf.narrow(0, 0, rw * cw).view({rw, cw});
+      tlp_mm(tile, hid.narrow(0, r0, rw), w_t, false);
+      k.forward(r0, rw, c0, cw, tile);
+    }
+  }
+}
+
+template <class K>
+std::vector<at::Tensor> tlp_backward_loop(const TlpInputs& in, const TlpTiles& tl, K& k, int64_t needs) {
+  const bool need_dh = needs & 1, need_dw = needs & 2, need_db = (needs & 4) && in.bias.defined();
+  const auto opts = in.hidden.options().dtype(in.acc);
+  auto dh = need_dh ? empty_grad({in.n, in.h}, opts) : at::empty({0}, opts);
+  auto dw = need_dw ? empty_grad({in.v, in.h}, opts) : at::empty({0}, opts);
+  auto db = need_db ? empty_grad({in.v}, opts) : at::empty({0}, opts);
+  if (in.n == 0) {  // no rows: dW and dbias are 0, dhidden is empty
+    dw.zero_();
+    db.zero_();
+    return {dh, dw, db};
+  }
+  const auto hid = k.operand(in.hidden);
+  auto buf = at::empty({tl.rows * tl.cols}, opts);
+  for (int64_t c0 = 0; c0 < in.v; c0 += tl.cols) {
+    const int64_t cw = std::min(tl.cols, in.v - c0);
+    const auto w_c = k.operand(in.weight.narrow(0, c0, cw));
+    for (int64_t r0 = 0; r0 < in.n; r0 += tl.rows) {
+      const int64_t rw = std::min(tl.rows, in.n - r0);
+      const auto h_blk = hid.narrow(0, r0, rw);
+      auto tile = buf.narrow(0, 0, rw * cw).view({rw, cw});
+      tlp_mm(tile, h_blk, w_c.t(), false);
+      const auto dx = k.backward(r0, rw, c0, cw, tile, need_db);
+      if (need_dh) tlp_mm(dh.narrow(0, r0, rw), dx, w_c, c0 > 0);
+      if (need_dw) tlp_mm(dw.narrow(0, c0, cw), dx.t(), h_blk, r0 > 0);
+      if (need_db) {
+        auto db_c = db.narrow(0, c0, cw);
+        const int64_t rows_dim[] = {0};
+        if (r0 == 0) at::sum_out(db_c, tile, at::IntArrayRef(rows_dim));
+        else db_c.add_(tile.sum(0));
+      }
+    }
+  }
+  return {dh, dw, db};
+}
+
+// Targets in [0, V) or ignore_index (checked in Python first; O(N), CPU only: on CUDA it would
+// synchronise, and the kernels only compare targets with column ranges, never index by them).
+void check_cpu_targets(const TlpInputs& in, int64_t ignore_index) {
+  const auto& t = in.targets;
+  TORCH_CHECK(((t == ignore_index) | ((t >= 0) & (t < in.v))).all().item<bool>(),
+              "flashloss: targets must be in [0, ", in.v, ") or ignore_index=", ignore_index);
+}
+
+// CPU epilogues (csrc/cpu/token_logprobs.cpp). 16-bit inputs are multiplied in fp32 (upcast).
+template <typename T>
+struct CpuTlp {
+  const TlpInputs& in;
+  flashloss::cpu::TokenProblem<T> p;
+  flashloss::core::RowState<T>* state = nullptr;
+  bool entropy = false, sum_p2 = false;
+  const T *lse = nullptr, *ent = nullptr, *g = nullptr, *l = nullptr, *h = nullptr, *s = nullptr;
+
+  CpuTlp(const TlpInputs& inputs, int64_t ignore_index, double inv_t, double a, double c) : in(inputs) {
+    p.n = in.n;
+    p.v = in.v;
+    p.bias = in.bias.defined() ? in.bias.template data_ptr<T>() : nullptr;
+    p.targets = in.targets.template data_ptr<int64_t>();
+    p.ignore_index = ignore_index;
+    p.map = flashloss::core::make_logit_map<T>(inv_t, a, c);
+  }
+  at::Tensor operand(const at::Tensor& x) const { return x.to(in.acc); }  // no copy for fp32 / fp64
+  void forward(int64_t r0, int64_t rows, int64_t c0, int64_t cols, at::Tensor& tile) {
+    flashloss::cpu::token_forward_tile<T>(p, r0, rows, c0, cols, tile.data_ptr<T>(), state, entropy, sum_p2);
+  }
+  at::Tensor backward(int64_t r0, int64_t rows, int64_t c0, int64_t cols, at::Tensor& tile, bool) {
+    flashloss::cpu::token_backward_tile<T>(p, r0, rows, c0, cols, tile.data_ptr<T>(), lse, ent, g, l, h, s);
+    return tile;
+  }
+};
+
+void token_logprobs_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                                int64_t ignore_index, double inv_temperature, double logit_scale, double softcap,
+                                const at::Tensor& logp, const at::Tensor& lse, const at::Tensor& entropy,
+                                const at::Tensor& z_sum, const at::Tensor& log_sum_p2, int64_t tile_rows,
+                                int64_t tile_cols) {
+  const auto in = tlp_inputs(hidden, weight, bias, targets);
+  check_cpu_targets(in, ignore_index);
+  check_tlp_out(logp, in, "logp");
+  check_tlp_out(lse, in, "lse");
+  check_tlp_out(entropy, in, "entropy");
+  check_tlp_out(z_sum, in, "z_sum");
+  check_tlp_out(log_sum_p2, in, "log_sum_p2");
+  const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCpuTileElements, kTlpCpuVocabChunk);
+  auto state = at::empty({in.n, 6}, hidden.options().dtype(in.acc));
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    CpuTlp<T> k(in, ignore_index, inv_temperature, logit_scale, softcap);
+    k.state = reinterpret_cast<flashloss::core::RowState<T>*>(state.data_ptr<T>());
+    k.entropy = entropy.numel() > 0;
+    k.sum_p2 = log_sum_p2.numel() > 0;
+    flashloss::cpu::token_state_init<T>(in.n, k.state);
+    tlp_forward_loop(in, tl, k);
+    flashloss::cpu::token_forward_finish<T>(k.p, k.state, ptr_or_null<T>(logp), ptr_or_null<T>(lse),
+                                            ptr_or_null<T>(entropy), ptr_or_null<T>(z_sum),
+                                            ptr_or_null<T>(log_sum_p2));
+  };
+  static_assert(sizeof(flashloss::core::RowState<float>) == 6 * sizeof(float), "RowState layout");
+  static_assert(sizeof(flashloss::core::RowState<double>) == 6 * sizeof(double), "RowState layout");
+  if (in.acc == at::kDouble) run(double(0));
+  else run(float(0));
+}
+
+// needs: bit 0 dhidden, 1 dweight, 2 dbias; returns [dhidden, dweight, dbias] in the
+// accumulation dtype, empty where not needed.
+std::vector<at::Tensor> token_logprobs_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& g_logp,
+    const at::Tensor& g_lse, const at::Tensor& g_entropy, const at::Tensor& g_zsum, int64_t ignore_index,
+    double inv_temperature, double logit_scale, double softcap, int64_t needs, int64_t tile_rows,
+    int64_t tile_cols) {
+  const auto in = tlp_inputs(hidden, weight, bias, targets);
+  check_cpu_targets(in, ignore_index);
+  check_tlp_in(lse, in, "lse");
+  check_tlp_in(entropy, in, "entropy");
+  check_tlp_in(g_logp, in, "g_logp");
+  check_tlp_in(g_lse, in, "g_lse");
+  check_tlp_in(g_entropy, in, "g_entropy");
+  check_tlp_in(g_zsum, in, "g_zsum");
+  TORCH_CHECK(in.n == 0 || lse.numel() == in.n, "flashloss: the backward needs the forward's lse");
+  TORCH_CHECK(g_entropy.numel() == 0 || entropy.numel() == in.n,
+              "flashloss: an entropy gradient needs the forward's entropy");
+  const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCpuTileElements, kTlpCpuVocabChunk);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    CpuTlp<T> k(in, ignore_index, inv_temperature, logit_scale, softcap);
+    k.lse = ptr_or_null<T>(lse);
+    k.ent = ptr_or_null<T>(entropy);
+    k.g = ptr_or_null<T>(g_logp);
+    k.l = ptr_or_null<T>(g_lse);
+    k.h = ptr_or_null<T>(g_entropy);
+    k.s = ptr_or_null<T>(g_zsum);
+    return tlp_backward_loop(in, tl, k, needs);
+  };
+  return in.acc == at::kDouble ? run(double(0)) : run(float(0));
+}
+
+#ifdef FLASHLOSS_WITH_CUDA
+// CUDA epilogues (csrc/cuda/token_logprobs.cu) on the current stream; GEMMs through cuBLAS.
+struct CudaTlp {
+  const TlpInputs& in;
+  flashloss::cuda::TokenTileArgs a{};
+  void* state = nullptr;
+  bool entropy = false, sum_p2 = false;
+  const void *lse = nullptr, *ent = nullptr, *g = nullptr, *l = nullptr, *h = nullptr, *s = nullptr;
+  bool lowp_gemm = false;  // 16-bit operands straight to cuBLAS (fp32 output)
+  at::Tensor dx_lp;        // dx rounded to the input dtype for those GEMMs
+  void* stream = nullptr;
+
+  CudaTlp(const TlpInputs& inputs, int64_t ignore_index, double inv_t, double logit_scale, double softcap)
+      : in(inputs) {
+    a.acc = in.acc == at::kDouble ? DType::f64 : DType::f32;
+    a.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+    a.targets = in.targets.data_ptr<int64_t>();
+    a.ignore_index = ignore_index;
+    a.inv_temperature = inv_t;
+    a.logit_scale = logit_scale;
+    a.softcap = softcap;
+#ifdef FLASHLOSS_HAVE_MM_OUT_DTYPE
+    lowp_gemm = in.hidden.scalar_type() == at::kBFloat16 || in.hidden.scalar_type() == at::kHalf;
+#endif
+    stream = c10::cuda::getCurrentCUDAStream().stream();
+  }
+  void set_tile(int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+    a.r0 = r0;
+    a.rows = rows;
+    a.c0 = c0;
+    a.cols = cols;
+  }
+  at::Tensor operand(const at::Tensor& x) const { return lowp_gemm ? x : x.to(in.acc); }
+  void forward(int64_t r0, int64_t rows, int64_t c0, int64_t cols, at::Tensor& tile) {
+    set_tile(r0, rows, c0, cols);
+    check_cuda(flashloss::cuda::token_forward_tile(a, tile.data_ptr(), state, entropy, sum_p2, stream));
+  }
+  at::Tensor backward(int64_t r0, int64_t rows, int64_t c0, int64_t cols, at::Tensor& tile, bool need_db) {
+    set_tile(r0, rows, c0, cols);
+    at::Tensor dx = tile;
+    if (lowp_gemm) {
+      if (!dx_lp.defined() || dx_lp.numel() < rows * cols) dx_lp = at::empty({rows * cols}, in.hidden.options());
+      dx = dx_lp.narrow(0, 0, rows * cols).view({rows, cols});
+    }
+    // the fp32 dx stays in the tile where the GEMMs read it, or where dbias sums it
+    check_cuda(flashloss::cuda::token_backward_tile(a, tile.data_ptr(), dtype_code(in.hidden),
+                                                    lowp_gemm ? dx.data_ptr() : nullptr, !lowp_gemm || need_db,
+                                                    lse, ent, g, l, h, s, stream));
+    return dx;
+  }
+};
+
+void token_logprobs_forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                                 int64_t ignore_index, double inv_temperature, double logit_scale, double softcap,
+                                 const at::Tensor& logp, const at::Tensor& lse, const at::Tensor& entropy,
+                                 const at::Tensor& z_sum, const at::Tensor& log_sum_p2, int64_t tile_rows,
+                                 int64_t tile_cols) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const auto in = tlp_inputs(hidden, weight, bias, targets);
+  TORCH_CHECK(hidden.is_cuda(), "flashloss: hidden must be a CUDA tensor");
+  TORCH_CHECK(in.n < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
+  check_tlp_out(logp, in, "logp");
+  check_tlp_out(lse, in, "lse");
+  check_tlp_out(entropy, in, "entropy");
+  check_tlp_out(z_sum, in, "z_sum");
+  check_tlp_out(log_sum_p2, in, "log_sum_p2");
+  const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCudaTileElements, kTlpCudaVocabChunk);
+  auto state = at::empty({in.n, 6}, hidden.options().dtype(in.acc));
+  CudaTlp k(in, ignore_index, inv_temperature, logit_scale, softcap);
+  k.state = state.data_ptr();
+  k.entropy = entropy.numel() > 0;
+  k.sum_p2 = log_sum_p2.numel() > 0;
+  check_cuda(flashloss::cuda::token_state_init(k.a.acc, in.n, k.state, k.stream));
+  tlp_forward_loop(in, tl, k);
+  check_cuda(flashloss::cuda::token_forward_finish(k.a, in.n, k.state, data_or_null(logp), data_or_null(lse),
+                                                   data_or_null(entropy), data_or_null(z_sum),
+                                                   data_or_null(log_sum_p2), k.stream));
+}
+
+std::vector<at::Tensor> token_logprobs_backward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& g_logp,
+    const at::Tensor& g_lse, const at::Tensor& g_entropy, const at::Tensor& g_zsum, int64_t ignore_index,
+    double inv_temperature, double logit_scale, double softcap, int64_t needs, int64_t tile_rows,
+    int64_t tile_cols) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const auto in = tlp_inputs(hidden, weight, bias, targets);
+  TORCH_CHECK(hidden.is_cuda(), "flashloss: hidden must be a CUDA tensor");
+  TORCH_CHECK(in.n < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
+  check_tlp_in(lse, in, "lse");
+  check_tlp_in(entropy, in, "entropy");
+  check_tlp_in(g_logp, in, "g_logp");
+  check_tlp_in(g_lse, in, "g_lse");
+  check_tlp_in(g_entropy, in, "g_entropy");
+  check_tlp_in(g_zsum, in, "g_zsum");
+  TORCH_CHECK(in.n == 0 || lse.numel() == in.n, "flashloss: the backward needs the forward's lse");
+  TORCH_CHECK(g_entropy.numel() == 0 || entropy.numel() == in.n,
+              "flashloss: an entropy gradient needs the forward's entropy");
+  const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCudaTileElements, kTlpCudaVocabChunk);
+  CudaTlp k(in, ignore_index, inv_temperature, logit_scale, softcap);
+  k.lse = data_or_null(lse);
+  k.ent = data_or_null(entropy);
+  k.g = data_or_null(g_logp);
+  k.l = data_or_null(g_lse);
+  k.h = data_or_null(g_entropy);
+  k.s = data_or_null(g_zsum);
+  return tlp_backward_loop(in, tl, k, needs);
+}
+#endif
+
 bool compiled_with_cuda() {
 #ifdef FLASHLOSS_WITH_CUDA
   return true;
@@ -513,6 +906,12 @@ TORCH_LIBRARY(flashloss_C, m) {
         "Tensor? labels_q, Tensor? labels_k, Tensor? neg_threshold, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
         "Tensor g_pos, Tensor g_colpos, Tensor g_sig, int m_main, int grad_cols, bool exclude_self, "
         "bool exclude_positives, float margin, bool sigmoid, int want, int needs, int block_rows) -> Tensor[]");
+  m.def("token_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
+        "float inv_temperature, float logit_scale, float softcap, Tensor(a!) logp, Tensor(b!) lse, "
+        "Tensor(c!) entropy, Tensor(d!) z_sum, Tensor(e!) log_sum_p2, int tile_rows, int tile_cols) -> ()");
+  m.def("token_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+        "Tensor entropy, Tensor g_logp, Tensor g_lse, Tensor g_entropy, Tensor g_zsum, int ignore_index, "
+        "float inv_temperature, float logit_scale, float softcap, int needs, int tile_rows, int tile_cols) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
@@ -520,6 +919,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
   m.impl("row_logsumexp_backward", &row_logsumexp_backward_cpu);
   m.impl("contrastive_lse_forward", &contrastive_lse_forward_cpu);
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cpu);
+  m.impl("token_logprobs_forward", &token_logprobs_forward_cpu);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
 }
 
 #ifdef FLASHLOSS_WITH_CUDA
@@ -528,6 +929,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CUDA, m) {
   m.impl("row_logsumexp_backward", &row_logsumexp_backward_cuda);
   m.impl("contrastive_lse_forward", &contrastive_lse_forward_cuda);
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cuda);
+  m.impl("token_logprobs_forward", &token_logprobs_forward_cuda);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
 }
 #endif
 

@@ -119,6 +119,20 @@ def test_gpu_matches_reference(backend, config, shape, dtype, monkeypatch):
                             name=f"{backend} {config} {shape}")
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("shape", [(37, 16, 2 * 1024 + 77), (4100, 4, 1030)], ids=["vocab_tail", "row_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_default_tiles(backend, shape, dtype, monkeypatch):
+    """The native backends with the tiles they choose themselves (TILE = None): a vocabulary that
+    is not a multiple of the chunk (1024 columns on the CPU), and more rows than one block holds
+    (16 MB of fp32 per tile: 4096 rows at 1024 columns), with ignored rows in place."""
+    monkeypatch.setattr(ops_mod, "TILE", None)
+    monkeypatch.setattr(ops_mod, "COMPACT_IGNORED", False)
+    cfg = dict(bias=True, ignore=True, softcap=4.0, temperature=0.9)
+    inputs, fn_for, ref = build(cfg, *shape, seed=3)
+    check_against_reference(fn_for(backend), ref, inputs, dtype, naive=ref, name=f"{backend} default tiles {shape}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     inputs, fn_for, _ = build(dict(bias=True, ignore=True, softcap=2.5, temperature=0.8), 9, 4, 21, seed=5)

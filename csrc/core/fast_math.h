@@ -55,5 +55,30 @@ FL_HD F fast_exp_lanes(F x) {
 
 FL_HD float fast_exp(float x) { return fast_exp_lanes<float>(x); }
 
+// Vectorisable tanh for fp32 lanes (softcapped logits, primitive B), same lane types as
+// fast_exp_lanes. Method (Cephes tanhf): |x| < 0.625: x + x^3 P(x^2), a degree-4 odd polynomial
+// (no cancellation near 0); otherwise 1 - 2 / (exp(2|x|) + 1) with the sign restored, which
+// saturates to +-1 for large |x| (exp overflows to +inf, 2/inf = 0). Both branches are evaluated
+// and selected per lane. Accuracy: <= 2 ulp (ctest test_token_logprobs_core checks a dense sweep).
+// NaN -> NaN (NaN >= 0.625 is false, so the polynomial branch, which propagates it, is taken).
+template <typename F>
+FL_HD F fast_tanh_lanes(F x) {
+  const F zero = F{}, one = F{} + 1.0f;
+  const F ax = x < zero ? -x : x;
+  const F e = fast_exp_lanes<F>(ax + ax);
+  F big = one - (F{} + 2.0f) / (e + one);
+  big = x < zero ? -big : big;
+  const F s = x * x;
+  F p = F{} + -5.70498872745e-3f;
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const F small = p * s * x + x;
+  return ax >= F{} + 0.625f ? big : small;
+}
+
+FL_HD float fast_tanh(float x) { return fast_tanh_lanes<float>(x); }
+
 }  // namespace core
 }  // namespace flashloss
