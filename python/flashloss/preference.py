@@ -248,11 +248,6 @@ class RunningMean:
 # 3.1 f-divergence scores
 
 
-def _legacy_exp_cap(dt: torch.dtype) -> float:
-    """TRL v0.24.0 `cap_exp`: log of the dtype's largest value, floored to 4 decimals."""
-    return math.floor(math.log(torch.finfo(dt).max) * 1e4) / 1e4
-
-
 def _f_scores(r: torch.Tensor, kind: str, alpha: float, cap: float) -> torch.Tensor:
     """s = g(r) of OBJECTIVES.md §3.1 (exp arguments clamped to <= cap)."""
     if kind == "reverse_kl":
@@ -321,11 +316,13 @@ def preference_loss(
 
     Scores (§3.1): s = g(r) with `f_divergence_type` reverse_kl (g(r) = r, default), forward_kl
     (1 - e^{-r}), js_divergence (ln 2 + log sigma(r)) or alpha_divergence ((e^{(a-1)r} - 1)/(a-1),
-    a = `f_alpha_divergence_coef`, default 0.5; the argument of exp clamped to <= 80). Pair logit
+    a = `f_alpha_divergence_coef`, default 0.5; the argument of exp clamped to <= 80, so scores stay
+    below e^80 ~ 5.5e34: the square in ipo can still overflow float32 for huge log-ratios). Pair logit
     h = beta (s_w - s_l). Under "trl" a non-default divergence is only allowed with the loss types
     in F_DIVERGENCE_LOSS_TYPES (ValueError otherwise, as TRL). Under "trl_legacy",
-    `f_alpha_divergence_coef` is TRL v0.24.0's a' (default 1.0; the same scores with a = 1 - a', exp
-    capped at log(finfo.max) as v0.24.0's `cap_exp`), forward_kl does not exist (it is a' = 1), and
+    `f_alpha_divergence_coef` is TRL v0.24.0's a' (default 1.0; the same scores with a = 1 - a'; the
+    exp argument is clamped to <= 80 here too, where v0.24.0's `cap_exp` allowed log(finfo.max),
+    ~88.72 in fp32, whose later products overflow), forward_kl does not exist (it is a' = 1), and
     the losses that TRL v0.24.0 did not route through the f-score (nca_pair, bco_pair, sppo_hard,
     aot*, apo*, discopop) silently use raw log-ratios, as there.
 
@@ -485,12 +482,9 @@ def preference_loss(
     r_w, r_l = pc - rc, pr - rr
 
     # scores and the pair logit
-    if legacy:
-        alpha, cap = 1.0 - f_alpha, _legacy_exp_cap(dt)
-    else:
-        alpha, cap = f_alpha, EXP_CLAMP
-    s_w = _f_scores(r_w, f_divergence_type, alpha, cap)
-    s_l = _f_scores(r_l, f_divergence_type, alpha, cap)
+    alpha = 1.0 - f_alpha if legacy else f_alpha  # legacy a' is 1 - a
+    s_w = _f_scores(r_w, f_divergence_type, alpha, EXP_CLAMP)
+    s_l = _f_scores(r_l, f_divergence_type, alpha, EXP_CLAMP)
 
     def pair_logit(d):
         h = beta * d
