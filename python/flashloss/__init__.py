@@ -6,7 +6,7 @@ from . import _native
 _native.load(warn=True)  # warns once if flashloss._C is missing; the torch backend still serves
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
-from . import compat, contrastive, lm, ops, ref  # noqa: E402
+from . import compat, contrastive, lm, ops, preference, ref  # noqa: E402
 from .compat import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
 from .contrastive import (  # noqa: E402
     ISogCLRLoss,
@@ -31,6 +31,24 @@ from .contrastive import (  # noqa: E402
     topk_threshold,
 )
 from .lm import focal_loss, linear_cross_entropy, vocab_kl  # noqa: E402
+from .preference import (  # noqa: E402
+    RunningMean,
+    alphapo_loss,
+    bco_loss,
+    bradley_terry_loss,
+    cpo_loss,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    lipo_lambda_loss,
+    npo_loss,
+    orpo_loss,
+    plackett_luce_loss,
+    preference_loss,
+    simpo_loss,
+    tdpo_loss,
+    udm_weight,
+)
 from .ops import (  # noqa: E402
     contrastive_lse,
     logprobs_from_logits,
@@ -47,5 +65,8 @@ __all__ = [
     "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
     "hard_negative_nce", "topk_threshold", "dexml_loss", "isogclr_loss", "ISogCLRLoss", "distill_clip_loss",
     "similarity_kl_loss",
+    "preference", "preference_loss", "dpo_loss", "ipo_loss", "simpo_loss", "cpo_loss", "alphapo_loss", "orpo_loss",
+    "kto_loss", "bco_loss", "udm_weight", "npo_loss", "tdpo_loss", "lipo_lambda_loss", "plackett_luce_loss",
+    "bradley_terry_loss", "RunningMean",
     "ClipLoss", "DistillClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
 ]
