@@ -254,3 +254,31 @@ def test_missing_backend_raises_clearly():
         pytest.skip("triton serves CPU tensors here (TRITON_INTERPRET=1)")
     with pytest.raises(BackendUnavailableError, match="triton"):
         token_logprobs(H, W, T, backend="triton")
+
+
+@pytest.mark.interpret
+def test_triton_filter_skips_negligible_tiles_within_bounds(monkeypatch):
+    """The CCE-style backward filter: forced on for fp32 it changes the gradients (tiles really are
+    skipped) but only by softmax mass below eps; off (the fp32 default) the result is exact."""
+    if "triton" not in _impls():
+        pytest.fail("the triton backend of token_logprobs is not registered")
+    gen = torch.Generator().manual_seed(11)
+    n, h, v = 2, 8, 80  # 5 vocabulary tiles of 16, one row block; peaked softmax: most tiles below eps
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen)
+    t = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+
+    def grads(filter_env):
+        monkeypatch.setenv("FLASHLOSS_TRITON_FILTER", filter_env)
+        hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        r = token_logprobs(hh, ww, t, logit_scale=10.0, backend="triton")
+        return torch.autograd.grad(r.logp, (hh, ww), g)
+
+    hh, ww = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref = torch.autograd.grad(ref_token_logprobs(hh, ww, t, logit_scale=10.0)["logp"], (hh, ww), g.double())
+    off, on = grads("0"), grads("1")
+    for a, b, r in zip(off, on, ref):
+        assert (a.double() - r).norm() / r.norm() < 1e-5
+        assert not torch.equal(a, b)  # something was skipped
+        assert (b.double() - r).norm() / r.norm() < 2e-3  # by softmax mass below 2^-12 per entry

@@ -222,8 +222,12 @@ def _native_backward(spec: Spec, hidden, weight, bias, targets, lse, entropy, g_
 
 
 _TRITON = "flashloss.triton_kernels.token_logprobs"
-_IMPLS: dict = {"torch": (_torch_forward, _torch_backward)}
-_AUTO = {"cpu": ("torch",), "cuda": ("torch",)}
+_IMPLS: dict = {
+    "torch": (_torch_forward, _torch_backward),
+    "triton": (_backend.lazy(_TRITON, "forward"), _backend.lazy(_TRITON, "backward")),
+}
+# CUDA: Triton first (the torch backend is the fallback); to be re-ranked on a GPU measurement.
+_AUTO = {"cpu": ("torch",), "cuda": ("triton", "torch")}
 _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
 
 
