@@ -900,3 +900,20 @@ def test_public_names_exported():
                  "kto_loss", "bco_loss", "npo_loss", "tdpo_loss", "lipo_lambda_loss", "plackett_luce_loss",
                  "bradley_terry_loss", "RunningMean", "udm_weight"):
         assert name in flashloss.__all__ and getattr(flashloss, name) is getattr(P, name), name
+
+
+def test_gradient_at_policy_equal_to_reference_is_exact():
+    """At the first DPO step the policy is the reference: every pair logit is exactly 0, where a
+    hand-written max(x, 0) + log1p(exp(-|x|)) gets autograd's gradient wrong (1 instead of 1/2).
+    Regression test: found by the TRL DPOTrainer integration test."""
+    c = torch.tensor([-13.0, -12.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-13.5, -12.2], dtype=torch.float64, requires_grad=True)
+    loss, _ = flashloss.preference_loss(c, r, c.detach(), r.detach(), loss_type="sigmoid", beta=0.1)
+    gc, gr = torch.autograd.grad(loss, (c, r))
+    # d/dl_w of -log sigma(beta (r_w - r_l)) at 0 is -beta / 2, averaged over 2 pairs
+    torch.testing.assert_close(gc, torch.full_like(gc, -0.025))
+    torch.testing.assert_close(gr, torch.full_like(gr, 0.025))
+    from flashloss.ops.contrastive_lse import softplus
+    x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(softplus(x).sum(), x)
+    torch.testing.assert_close(g, torch.full_like(g, 0.5))

@@ -111,9 +111,12 @@ def _threshold(allowed, Y, S, thr):
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
-    """Exact softplus, max(x, 0) + log1p(exp(-|x|)) (torch's F.softplus switches to x above 20,
-    an error of e^-20 that float64 tests see)."""
-    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+    """Exact softplus log(1 + e^x) with the exact gradient sigma(x) everywhere: torch.logaddexp(x, 0)
+    computes max(x, 0) + log1p(exp(-|x|)). (torch's F.softplus switches to x above 20, an error of
+    e^-20 that float64 tests see; writing max(x,0) + log1p(exp(-|x|)) out by hand gives autograd
+    the gradient 1 instead of 1/2 at x = 0 exactly, where clamp and |x| have kinks: a DPO step
+    with policy == reference sits exactly there.)"""
+    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _tile_logits(spec, qb, kb, sb, bias, Y, mrow):

@@ -1,0 +1,1 @@
+"""Integrations with training libraries (imported on demand: `import flashloss.integrations.trl`)."""
