@@ -19,3 +19,15 @@ def test_clip_large_batch_example_learns():
     last = res.stdout.strip().splitlines()[-1]
     first, final = (float(v) for v in last.split(";")[0].replace("loss fell from ", "").split(" to "))
     assert final < 0.8 * first, res.stdout
+
+
+def test_dpo_trl_example_learns():
+    import pytest
+
+    pytest.importorskip("trl")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "dpo_trl_tiny.py"), "--steps", "30"],
+                         capture_output=True, text=True, check=True)
+    last = res.stdout.strip().splitlines()[-1]
+    first, final = (float(v) for v in last.split(";")[0].replace("loss fell from ", "").split(" to "))
+    margin = float(last.split("->")[-1])
+    assert final < 0.85 * first and margin > 0.1, res.stdout
