@@ -13,14 +13,14 @@ from flashloss.benchmark.report import Progress, run_case, select_cases
 
 TINY = {"N": 64, "H": 32, "V": 256}
 LM_CASES = ("token_logprobs", "linear_cross_entropy")
-ANCHORS_ON_CPU = ("trl_selective_log_softmax", "cce[torch_compile]")  # the slow imports / compiles
+ANCHORS_ON_CPU = ("trl_selective_log_softmax", "trl_chunked", "cce[torch_compile]")  # the slow imports / compiles
 CUDA_ONLY = ("cce", "liger")
 FLASHLOSS = tuple(f"flashloss[{b}]" for b in ("torch", "cpu", "cuda", "triton"))
 
 
 def test_lm_cases_list_every_implementation():
     tlp = get_case("token_logprobs")
-    assert [i.name for i in tlp.impls] == ["naive", "trl_selective_log_softmax", "cce", "cce[torch_compile]",
+    assert [i.name for i in tlp.impls] == ["naive", "trl_selective_log_softmax", "trl_chunked", "cce", "cce[torch_compile]",
                                            "liger", *FLASHLOSS]
     lce = get_case("linear_cross_entropy")
     assert [i.name for i in lce.impls] == ["naive", "cce", "cce[torch_compile]", "liger", *FLASHLOSS]
