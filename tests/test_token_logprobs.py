@@ -15,6 +15,7 @@ from helpers import check_against_reference
 
 ops_mod = importlib.import_module("flashloss.ops.token_logprobs")
 ALL_OUTS = ("logp", "lse", "entropy", "z_sum", "log_sum_p2")
+TRITON_MOD = "flashloss.triton_kernels.token_logprobs"
 
 
 def _impls():
@@ -258,10 +259,12 @@ def test_missing_backend_raises_clearly():
 
 @pytest.mark.interpret
 def test_triton_filter_skips_negligible_tiles_within_bounds(monkeypatch):
-    """The CCE-style backward filter: forced on for fp32 it changes the gradients (tiles really are
-    skipped) but only by softmax mass below eps; off (the fp32 default) the result is exact."""
+    """The CCE-style backward filter: forced on for fp32 with bf16's threshold (2^-12) it changes
+    the gradients (tiles really are skipped) but only by softmax mass below eps; off (the fp32
+    default) the result is exact."""
     if "triton" not in _impls():
         pytest.fail("the triton backend of token_logprobs is not registered")
+    monkeypatch.setattr(importlib.import_module(TRITON_MOD), "FILTER_EPS", 2.0 ** -12)
     gen = torch.Generator().manual_seed(11)
     n, h, v = 2, 8, 80  # 5 vocabulary tiles of 16, one row block; peaked softmax: most tiles below eps
     hidden = torch.randn(n, h, generator=gen)
@@ -282,3 +285,154 @@ def test_triton_filter_skips_negligible_tiles_within_bounds(monkeypatch):
         assert (a.double() - r).norm() / r.norm() < 1e-5
         assert not torch.equal(a, b)  # something was skipped
         assert (b.double() - r).norm() / r.norm() < 2e-3  # by softmax mass below 2^-12 per entry
+
+
+def _triton_kernels():
+    if "triton" not in _impls():
+        pytest.fail("the triton backend of token_logprobs is not registered")
+    return importlib.import_module(TRITON_MOD)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("splits,group_m", [(3, 2), (5, 8)])
+def test_triton_vocab_tail_several_splits(splits, group_m, monkeypatch):
+    """Forward with several vocabulary splits whose last one ends in a partial tile (V = 100 over
+    16-column tiles), row blocks in grouped order with a partial last group (3 row blocks, groups
+    of 2), every output and gradient, ignored rows in place, bias and softcap."""
+    tk = _triton_kernels()
+    monkeypatch.setattr(tk, "SPLITS", splits)
+    monkeypatch.setattr(tk, "GROUP_M", group_m)
+    monkeypatch.setattr(ops_mod, "COMPACT_IGNORED", False)
+    n_splits, per_split = tk.split_plan(100, 16, 3, "cpu")
+    assert n_splits >= 3 and 100 % per_split and 100 % 16  # several splits, partial last split and tile
+    cfg = dict(bias=True, ignore=True, softcap=4.0, temperature=0.9)
+    inputs, fn_for, ref = build(cfg, 37, 20, 100, seed=4)
+    check_against_reference(fn_for("triton"), ref, inputs, torch.float32, naive=ref,
+                            name=f"triton splits={splits} group={group_m}")
+
+
+def _grads(hidden, weight, bias, t, g, outs=("logp",), **kw):
+    hh, ww, bb = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    r = token_logprobs(hh, ww, t, bb, outputs=outs, backend="triton", **kw)
+    loss = sum((getattr(r, o) * gi).sum() for o, gi in zip(outs, g))
+    return (getattr(r, outs[0]),) + torch.autograd.grad(loss, (hh, ww, bb))
+
+
+def _peaked_problem(dtype, n=6, h=8, v=96, seed=11):
+    """A peaked softmax (logit_scale 10): most 16-column tiles hold only p < 2^-12."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = torch.randn(v, h, generator=gen).to(dtype)
+    bias = (torch.randn(v, generator=gen) * 0.1).to(dtype)
+    t = torch.randint(0, v, (n,), generator=gen)
+    g = [torch.randn(n, generator=gen) for _ in range(4)]
+    return hidden, weight, bias, t, g
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("outs", [("logp",), ("logp", "z_sum"), ("lse", "entropy")], ids="+".join)
+def test_triton_filter_default_on_for_16_bit(dtype, outs, monkeypatch):
+    """bf16/fp16 filter on by default: through token_logprobs the gradients stay within the
+    bf16/fp16 bound of the float64 reference; in the kernels' fp32 accumulators (before the cast
+    to the input dtype hides it) the result differs from the unfiltered one, for both backward
+    schemes: tiles really are skipped. With a z_sum gradient (label smoothing) the constant term
+    goes around the tiles, so they are still skipped."""
+    tk = _triton_kernels()
+    assert tk.filter_on(dtype) and not tk.filter_on(torch.float32) and not tk.filter_on(torch.float64)
+    monkeypatch.delenv("FLASHLOSS_TRITON_FILTER", raising=False)
+    hidden, weight, bias, t, g = _peaked_problem(dtype)
+    kw = dict(logit_scale=10.0)
+    on = _grads(hidden, weight, bias, t, g, outs, **kw)
+    ref_in = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
+    r = ref_token_logprobs(*ref_in[:2], t, ref_in[2], outputs=outs, **kw)
+    loss = sum((r[o] * gi.double()).sum() for o, gi in zip(outs, g))
+    for a, rr in zip(on[1:], torch.autograd.grad(loss, ref_in)):
+        assert (a.double() - rr).norm() / rr.norm() < 2e-2
+
+    want = sum(1 << ALL_OUTS.index(o) for o in set(outs) | {"lse"})
+    spec = ops_mod.Spec(-100, 1.0, 10.0, 0.0, want)
+    _, lse, ent, _, _ = tk.forward(spec, hidden, weight, bias, t)
+    ups = [gi if o in outs else torch.zeros(0) for gi, o in zip(g, ALL_OUTS)]  # logp, lse, entropy, z_sum
+
+    def kernel_grads(filter_env):
+        monkeypatch.setenv("FLASHLOSS_TRITON_FILTER", filter_env)
+        return tk.backward(spec, hidden, weight, bias, t, lse, ent, *ups, (True, True, True))
+
+    for det in (False, True):
+        monkeypatch.setattr(tk, "DETERMINISTIC", det)
+        k_on, k_off = kernel_grads("1"), kernel_grads("0")
+        assert all(not torch.equal(a, b) for a, b in zip(k_on, k_off))
+
+
+@pytest.mark.interpret
+def test_triton_filter_never_drops_the_softcap_zsum_term(monkeypatch):
+    """With a softcap the z_sum term s * dz/dx varies along the vocabulary and stays in the tiles:
+    the filter must then keep every tile (forced on, fp32: exact)."""
+    tk = _triton_kernels()
+    monkeypatch.setattr(tk, "FILTER_EPS", 2.0 ** -12)
+    hidden, weight, bias, t, g = _peaked_problem(torch.float32)
+    kw = dict(logit_scale=10.0, softcap=5.0)
+    outs = ("logp", "z_sum")
+    monkeypatch.setenv("FLASHLOSS_TRITON_FILTER", "1")
+    on = _grads(hidden, weight, bias, t, g, outs, **kw)
+    monkeypatch.setenv("FLASHLOSS_TRITON_FILTER", "0")
+    off = _grads(hidden, weight, bias, t, g, outs, **kw)
+    for a, b in zip(on, off):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("config", ["plain", "softcap", "entropy_lse", "all_ignored"])
+def test_triton_deterministic_scheme(config, monkeypatch):
+    """The deterministic backward (dhidden kernel over the vocabulary, dW kernel over the rows, no
+    atomics): matches the float64 reference like the atomic scheme, and two runs are bitwise
+    equal."""
+    tk = _triton_kernels()
+    monkeypatch.setattr(tk, "DETERMINISTIC", True)
+    cfg = dict(CONFIGS[config], bias=True)
+    monkeypatch.setattr(ops_mod, "COMPACT_IGNORED", cfg.get("compact", True))
+    inputs, fn_for, ref = build(cfg, 19, 20, 37)
+    check_against_reference(fn_for("triton"), ref, inputs, torch.float32, naive=ref, name=f"triton det {config}")
+    check_against_reference(fn_for("triton"), ref, inputs, torch.bfloat16, naive=ref, name=f"triton det {config}")
+
+    def run():
+        xs = [x.float().requires_grad_(True) for x in inputs]
+        outs = fn_for("triton")(*xs)
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+        return list(outs) + list(torch.autograd.grad(loss, xs, allow_unused=True))
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
+def test_triton_deterministic_switch(monkeypatch):
+    tk = _triton_kernels()
+    monkeypatch.delenv("FLASHLOSS_TRITON_DETERMINISTIC", raising=False)
+    assert tk.deterministic() == torch.are_deterministic_algorithms_enabled()
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert tk.deterministic()
+        monkeypatch.setenv("FLASHLOSS_TRITON_DETERMINISTIC", "0")
+        assert not tk.deterministic()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv("FLASHLOSS_TRITON_DETERMINISTIC", "1")
+    assert tk.deterministic()
+    monkeypatch.setattr(tk, "DETERMINISTIC", False)
+    assert not tk.deterministic()
+
+
+@pytest.mark.interpret
+def test_triton_no_rows():
+    _triton_kernels()
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    r = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), outputs=ALL_OUTS, backend="triton")
+    assert all(getattr(r, o).shape == (0,) for o in ALL_OUTS)
+    (r.logp.sum() + r.entropy.sum() + r.z_sum.sum()).backward()
+    assert hidden.grad.shape == (0, 8) and torch.all(weight.grad == 0)
