@@ -1,0 +1,116 @@
+"""Compiles flashloss' Triton kernels for an NVIDIA target without a GPU: Triton's front end, its
+TTGIR/LLVM passes and the ptxas bundled with the triton wheel run on any machine. Reports, per
+kernel and configuration, whether it compiled, the registers and stack (spill) bytes from the
+cubin's resource usage, shared memory, and a few facts about the PTX (tensor-core wgmma, atomic
+flavour). Runs in its own process: under TRITON_INTERPRET=1 `triton.jit` builds interpreter
+functions, which cannot be compiled.
+
+    python tests/triton_compile.py [--arch 90]     prints one JSON object per kernel and config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+# integer arguments that realistic launches pass as multiples of 16 (H = 4096, V = 128256, N = 16384):
+# Triton specializes those as divisible by 16, which the pipeliner needs for cp.async
+DIVISIBLE = {"N", "V", "H", "stride_h", "stride_w"}
+
+
+def available() -> tuple[bool, str]:
+    cuobjdump = os.path.join(NVIDIA_BIN, "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return False, f"the triton wheel has no NVIDIA tools ({NVIDIA_BIN})"
+    return True, ""
+
+
+def compile_kernel(fn, ptr_types: dict, floats: set, consts: dict, warps: int, stages: int, arch: int) -> dict:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = "*" + ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name in DIVISIBLE:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+    ptx = kernel.asm["ptx"]
+    return dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+                stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), shared_bytes=kernel.metadata.shared,
+                wgmma="wgmma.mma_async" in ptx, relaxed_red=bool(re.search(r"red\.global\S*relaxed", ptx)),
+                acq_rel_atom=bool(re.search(r"atom\.global\S*acq_rel", ptx)))
+
+
+def token_logprobs_cases(arch: int):
+    import flashloss.triton_kernels.token_logprobs as tk
+
+    # softcap variants for bf16 and fp32 only (fp16 and fp64 share their code paths)
+    for dtype, caps in ((torch.bfloat16, (False, True)), (torch.float16, (False,)), (torch.float32, (False, True)),
+                        (torch.float64, (False,))):
+        t = TYPE[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        low = dtype in (torch.bfloat16, torch.float16)
+        for cap in caps:
+            common = dict(HAS_BIAS=True, HAS_CAP=cap, IEEE=not low, UPCAST=False,
+                          ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+            grads = dict(HAS_G=True, HAS_L=True, HAS_H=True, HAS_S=cap, LOW=low)
+            cases = [("fwd", tk._fwd_kernel, dict(WANT_ENT=True, WANT_P2=True, GROUP_M=8)),
+                     ("bwd", tk._bwd_kernel, dict(NEED_DH=True, NEED_DW=True, NEED_DB=True, GROUP_M=8, **grads)),
+                     ("dh", tk._dh_kernel, grads), ("dw", tk._dw_kernel, dict(NEED_DW=True, NEED_DB=True, **grads))]
+            for kind, fn, flags in cases:
+                cfg = tk._config(kind, dtype, 4096)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                ptrs = {name: (t if name in ("h_ptr", "w_ptr", "b_ptr") else "i64" if name == "t_ptr" else acc)
+                        for name in fn.arg_names if name.endswith("_ptr")}
+                row = dict(op="token_logprobs", kernel=kind, dtype=t, softcap=cap, arch=arch, warps=warps,
+                           stages=stages, **cfg)
+                try:
+                    row.update(compile_kernel(fn, ptrs, {"inv_t", "scale", "cap", "eps"},
+                                              dict(**common, **flags, **cfg), warps, stages, arch), ok=True)
+                except Exception as e:  # reported, the test fails on it
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:4000]}")
+                yield row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args(argv)
+    ok, why = available()
+    if not ok:
+        print(json.dumps(dict(unavailable=why)))
+        return 0
+    for row in token_logprobs_cases(args.arch):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
