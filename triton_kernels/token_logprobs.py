@@ -40,7 +40,8 @@ Backward (two schemes, same math, same tiles)
   the accumulators stay fp32.
 Filter (CCE): in backward a tile in which every softmax value p is below eps and that holds no
   target column (when logp has an upstream gradient) is skipped: its -p terms are below the
-  dtype's resolution relative to the one-hot term. eps = FILTER_EPS, or finfo(dtype).eps / 32
+  dtype's resolution relative to the one-hot term. With an entropy gradient each row's p is
+  weighed by max(1, |log p| + |entropy|), a bound on that term's p |z - E_p z| (p < 1/e). eps = FILTER_EPS, or finfo(dtype).eps / 32
   (bf16 2^-12, fp16 2^-15, fp32 2^-28) when None. On by default for bf16/fp16, off for fp32/fp64
   (exact); FLASHLOSS_TRITON_FILTER=0 switches it off, =1 forces it on. Never on while the `s` term
   is inside the tiles (softcap with a z_sum gradient). Caveat (as for CCE): the skipped mass is
@@ -163,14 +164,18 @@ def _row_coefs(rows, rmask, t_ptr, lse_ptr, ent_ptr, g_ptr, l_ptr, he_ptr, s_ptr
 def _dx_tile(z, dzdx, cols, cmask, t, valid, lse, cp, g, he, ez, s, eps,
              HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_S: tl.constexpr):
     """dx = dz * dz/dx of the tile (0 on masked lanes) and whether the filter keeps the tile
-    (always, when eps <= 0: p >= 0)."""
+    (always, when eps <= 0: the criterion is >= 0)."""
     live = valid[:, None] & cmask[None, :]
     p = tl.where(live, tl.exp(z - lse[:, None]), 0.0)
     is_t = (cols[None, :] == t[:, None]) & live
-    keep = tl.max(tl.max(p, axis=1), axis=0) >= eps
+    pmax = tl.max(p, axis=1)
     dz = p * cp[:, None]
     if HAS_H:
         dz -= (he[:, None] * p) * (z - ez[:, None])
+        # the entropy term's entries are p |z - E_p z| = p |log p + entropy|; p |log p| grows with p
+        # below 1/e, so a row's entries are at most pmax max(1, |log pmax| + |entropy|) (1-D work only)
+        pmax = pmax * tl.maximum(1.0, tl.abs(lse - ez) - tl.log(tl.maximum(pmax, 1e-30)))
+    keep = tl.max(pmax, axis=0) >= eps
     if HAS_G:
         keep = keep | (tl.max(tl.max(is_t.to(tl.int32), axis=1), axis=0) > 0)
         dz += tl.where(is_t, g[:, None], 0.0)
