@@ -5,7 +5,7 @@ cubin's resource usage, shared memory, and a few facts about the PTX (tensor-cor
 flavour). Runs in its own process: under TRITON_INTERPRET=1 `triton.jit` builds interpreter
 functions, which cannot be compiled.
 
-    python tests/triton_compile.py [--arch 90]     prints one JSON object per kernel and config
+    python tests/triton_compile.py [--arch 90] [--dtypes bf16,fp32]   one JSON object per kernel and config
 """
 from __future__ import annotations
 
@@ -68,12 +68,14 @@ def compile_kernel(fn, ptr_types: dict, floats: set, consts: dict, warps: int, s
                 acq_rel_atom=bool(re.search(r"atom\.global\S*acq_rel", ptx)))
 
 
-def token_logprobs_cases(arch: int):
+def token_logprobs_cases(arch: int, dtypes=None):
     import flashloss.triton_kernels.token_logprobs as tk
 
     # softcap variants for bf16 and fp32 only (fp16 and fp64 share their code paths)
     for dtype, caps in ((torch.bfloat16, (False, True)), (torch.float16, (False,)), (torch.float32, (False, True)),
                         (torch.float64, (False,))):
+        if dtypes and TYPE[dtype] not in dtypes:
+            continue
         t = TYPE[dtype]
         acc = "fp64" if dtype == torch.float64 else "fp32"
         low = dtype in (torch.bfloat16, torch.float16)
@@ -85,7 +87,7 @@ def token_logprobs_cases(arch: int):
                      ("bwd", tk._bwd_kernel, dict(NEED_DH=True, NEED_DW=True, NEED_DB=True, GROUP_M=8, **grads)),
                      ("dh", tk._dh_kernel, grads), ("dw", tk._dw_kernel, dict(NEED_DW=True, NEED_DB=True, **grads))]
             for kind, fn, flags in cases:
-                cfg = tk._config(kind, dtype, 4096)
+                cfg = tk._config(kind, dtype, 4096, arch)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 ptrs = {name: (t if name in ("h_ptr", "w_ptr", "b_ptr") else "i64" if name == "t_ptr" else acc)
                         for name in fn.arg_names if name.endswith("_ptr")}
@@ -102,12 +104,13 @@ def token_logprobs_cases(arch: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtypes", default="", help="comma-separated subset of bf16,fp16,fp32,fp64")
     args = parser.parse_args(argv)
     ok, why = available()
     if not ok:
         print(json.dumps(dict(unavailable=why)))
         return 0
-    for row in token_logprobs_cases(args.arch):
+    for row in token_logprobs_cases(args.arch, [d for d in args.dtypes.split(",") if d]):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -41,19 +41,27 @@ Backward (two schemes, same math, same tiles)
 Filter (CCE): in backward a tile in which every softmax value p is below eps and that holds no
   target column (when logp has an upstream gradient) is skipped: its -p terms are below the
   dtype's resolution relative to the one-hot term. With an entropy gradient each row's p is
-  weighed by max(1, |log p| + |entropy|), a bound on that term's p |z - E_p z| (p < 1/e). eps = FILTER_EPS, or finfo(dtype).eps / 32
-  (bf16 2^-12, fp16 2^-15, fp32 2^-28) when None. On by default for bf16/fp16, off for fp32/fp64
-  (exact); FLASHLOSS_TRITON_FILTER=0 switches it off, =1 forces it on. Never on while the `s` term
-  is inside the tiles (softcap with a z_sum gradient). Caveat (as for CCE): the skipped mass is
-  bounded per entry, not per row, so on nearly flat distributions (large V, untrained models) it
-  can drop a sizeable total mass; switch the filter off for such runs.
+  weighed by max(1, |log p| + |entropy|), a bound on that term's entries p |z - E_p z| (p < 1/e).
+  eps = FILTER_EPS, or finfo(dtype).eps / 32 (bf16 2^-12, fp16 2^-15, fp32 2^-28) when None. On by
+  default for bf16/fp16, off for fp32/fp64 (exact); FLASHLOSS_TRITON_FILTER=0 switches it off, =1
+  forces it on. Never on while the `s` term is inside the tiles (softcap with a z_sum gradient).
+  Caveat (as for CCE): the skipped mass is bounded per entry, not per row, so on nearly flat
+  distributions (large V, untrained models) it can drop a sizeable total mass; switch the filter
+  off for such runs.
 Saved for backward: the [N] LSE (and entropy when its gradient can be asked for); nothing N x V.
+The forward has no atomics and merges in a fixed order: it is deterministic in both schemes.
 FLOPs: forward 2NHV; backward atomic 2NHV recompute + 4NHV = 6NHV (8NHV in all),
 deterministic 4NHV recompute + 4NHV = 8NHV (10NHV in all); skipped tiles save their 4 * BM * BN * H
 update FLOPs (the recompute is always paid). Bytes (L2 level): a tile step reads (BM + BN) BK b;
-hidden is read V/BN times and W N/BM times per pass, served from L2 by the grouped order.
-Tiles: fixed per dtype class (_config; not measured on a GPU yet: no GPU was available when this
-was written); the interpreter uses 16 x 16 x 16 so tiny test shapes cross every boundary.
+hidden is read V/BN times and W N/BM times per pass, served from L2 by the grouped order. The
+atomic backward issues NHV (1/BM + 1/BN) fp32 reductions (vectorized, relaxed).
+At N = 16384, H = 4096, V = 128256, bf16, 128 x 128 tiles: forward 1.7e13 FLOP, backward 5.2e13
+FLOP, 1.3e11 reductions (0.54 TB into L2) unless filtered; deterministic: 6.9e13 FLOP and 1.1 TB
+of accumulator re-reads/re-writes (64 x 128 / 128 x 64 tiles).
+Tiles: fixed per dtype class and architecture (_config), chosen from offline sm_90a / sm_80
+compiles (registers and spills from ptxas, at most a few dozen spilled bytes; tests/triton_compile.py),
+not from timings: no GPU was available when this was written. The interpreter uses 16 x 16 x 16 so
+tiny test shapes cross every boundary.
 Triton's autotuner is not used: the backward kernels accumulate into their outputs, so its repeated
 benchmark launches would need resets, and the forward's split count depends on BM.
 """
@@ -356,20 +364,29 @@ def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _config(kind: str, dtype: torch.dtype, h: int) -> dict:
-    """Tile sizes and launch options of a kernel kind ('fwd', 'bwd', 'dh', 'dw'). GPU values were
-    chosen from offline sm_90a compiles (registers and spills reported by ptxas, no spills but the
-    dh kernel's few dozen bytes), not from timings: no GPU was available."""
+def _config(kind: str, dtype: torch.dtype, h: int, arch: int = 90) -> dict:
+    """Tile sizes and launch options of a kernel kind ('fwd', 'bwd', 'dh', 'dw') for compute
+    capability `arch` (90 = H100). Chosen from offline compiles (registers and spills reported by
+    ptxas for sm_90a and sm_80; tests/triton_compile.py), not from timings: no GPU was available."""
     if _interpret():
         return dict(BM=16, BN=16, BK=16)
     if dtype in (torch.bfloat16, torch.float16):
         bm, bn, bk, warps, stages = {"fwd": (128, 128, 32, 8, 3), "bwd": (128, 128, 32, 8, 3),
                                      "dh": (64, 128, 32, 8, 3), "dw": (128, 64, 32, 8, 3)}[kind]
+        if kind == "bwd" and arch < 90:  # mma.sync keeps more in registers: 128 x 128 spills on sm_80
+            bm = 64
     elif dtype == torch.float32:  # IEEE fp32 dots (FMA); 4 warps at 64 x 64 spill kilobytes
         bm, bn, bk, warps, stages = 64, 64, 32, 8, 2
     else:  # fp64
         bm, bn, bk, warps, stages = 64, 64, 16, 8, 2
     return dict(BM=bm, BN=bn, BK=min(bk, max(16, triton.next_power_of_2(h))), num_warps=warps, num_stages=stages)
+
+
+def _arch(device) -> int:
+    if _interpret():
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _common(spec, hidden) -> dict:
@@ -406,7 +423,7 @@ def forward(spec, hidden, weight, bias, targets):
     outs = {o: empty(n if want[o] else 0, dtype=acc, device=dev) for o in _OUT}
     if n == 0:
         return tuple(outs[o] for o in _OUT)
-    cfg = _config("fwd", hidden.dtype, h)
+    cfg = _config("fwd", hidden.dtype, h, _arch(dev))
     row_blocks = triton.cdiv(n, cfg["BM"])
     splits, per_split = split_plan(v, cfg["BN"], row_blocks, dev)
     part = torch.empty(6, splits, n, dtype=acc, device=dev)
@@ -488,16 +505,16 @@ def backward(spec, hidden, weight, bias, targets, lse, entropy, g_logp, g_lse, g
                      LOW=hidden.dtype in (torch.bfloat16, torch.float16), **_common(spec, hidden))
         if deterministic():
             if need_dh:
-                cfg = _config("dh", hidden.dtype, h)
+                cfg = _config("dh", hidden.dtype, h, _arch(dev))
                 _dh_kernel[(triton.cdiv(n, cfg["BM"]),)](
                     *args, dh, *sizes, spec.ignore_index, eps=eps, **cfg, **flags)
             if need_dw or need_db:
-                cfg = _config("dw", hidden.dtype, h)
+                cfg = _config("dw", hidden.dtype, h, _arch(dev))
                 _dw_kernel[(triton.cdiv(v, cfg["BN"]),)](
                     *args, dw if need_dw else dummy, db if need_db else dummy, *sizes, spec.ignore_index, eps=eps,
                     NEED_DW=need_dw, NEED_DB=need_db, **cfg, **flags)
         else:
-            cfg = _config("bwd", hidden.dtype, h)
+            cfg = _config("bwd", hidden.dtype, h, _arch(dev))
             n_rb, n_vt = triton.cdiv(n, cfg["BM"]), triton.cdiv(v, cfg["BN"])
             _bwd_kernel[(n_rb * n_vt,)](
                 *args, dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy, *sizes, n_rb,
