@@ -31,6 +31,7 @@ from .contrastive import (  # noqa: E402
     topk_threshold,
 )
 from .lm import focal_loss, linear_cross_entropy, vocab_kl  # noqa: E402
+from .fused_preference import FusedLinearPreferenceLoss  # noqa: E402
 from .preference import (  # noqa: E402
     RunningMean,
     alphapo_loss,
@@ -67,6 +68,6 @@ __all__ = [
     "similarity_kl_loss",
     "preference", "preference_loss", "dpo_loss", "ipo_loss", "simpo_loss", "cpo_loss", "alphapo_loss", "orpo_loss",
     "kto_loss", "bco_loss", "udm_weight", "npo_loss", "tdpo_loss", "lipo_lambda_loss", "plackett_luce_loss",
-    "bradley_terry_loss", "RunningMean",
+    "bradley_terry_loss", "RunningMean", "FusedLinearPreferenceLoss",
     "ClipLoss", "DistillClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
 ]

@@ -583,3 +583,131 @@ register_case(BenchCase(
     ],
     in_quick_report=False,
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# dpo_fused: DPO (sigmoid) from hidden states, forward + backward, with a forward-only reference
+# from its own hidden states and lm_head (issue #6). Sizes: B pairs, T tokens per sequence, H, V;
+# the first half of every sequence is prompt (labels = ignore_index), the second half completion.
+# Policy hidden [2B, T, H] (chosen rows first) and weight [V, H] require grad; the reference's do not.
+
+_DPO_BETA = 0.1
+
+
+def _dpo_inputs(size: Size, device: str, dtype: torch.dtype):
+    b, t, h, v = size["B"], size["T"], size["H"], size["V"]
+    gen = torch.Generator(device=device).manual_seed(sum(size.values()))
+    f = dict(generator=gen, device=device)
+    hidden = torch.randn(2 * b, t, h, **f).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, **f) * h ** -0.5).to(dtype).requires_grad_(True)
+    ref_hidden = (hidden.detach().float() + 0.1 * torch.randn(2 * b, t, h, **f)).to(dtype)
+    ref_weight = (weight.detach().float() + 0.1 * h ** -0.5 * torch.randn(v, h, **f)).to(dtype)
+    labels = torch.randint(0, v, (2 * b, t), **f)
+    labels[:, : t // 2] = -100  # prompt
+    return hidden, weight, ref_hidden, ref_weight, labels
+
+
+def _dpo_setup(make_fn):
+    """run() = DPO sigmoid loss (scalar) -> gradients w.r.t. policy hidden and weight."""
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        hidden, weight, ref_hidden, ref_weight, labels = _dpo_inputs(size, device, dtype)
+        fn = make_fn()
+
+        def run():
+            return torch.autograd.grad(fn(hidden, weight, ref_hidden, ref_weight, labels), (hidden, weight))
+
+        return run
+
+    return setup
+
+
+def _dpo_naive():
+    """The plain-PyTorch trainer path: the whole logits of policy and reference ([2B, T, V]), log_softmax
+    in fp32, a gather of the shifted labels, masked sums per sequence, the DPO sigmoid loss."""
+    def seq_logps(hidden, weight, labels):
+        logits = (hidden @ weight.T)[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != -100
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        return (lp * mask).sum(1)
+
+    def fn(hidden, weight, ref_hidden, ref_weight, labels):
+        chosen, rejected = seq_logps(hidden, weight, labels).chunk(2)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = seq_logps(ref_hidden, ref_weight, labels).chunk(2)
+        h = _DPO_BETA * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        return -torch.nn.functional.logsigmoid(h).mean()
+
+    return fn
+
+
+def _dpo_liger():
+    """Liger-Kernel's `LigerFusedLinearDPOLoss` (chunked_loss; torch.compile'd chunks, CUDA only here):
+    forward(lin_weight, input, target, bias, ref_input, ref_weight) on the shifted inputs, chosen
+    rows first; returns (loss, aux)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=_DPO_BETA, use_ref_model=True)
+
+    def fn(hidden, weight, ref_hidden, ref_weight, labels):
+        return loss_fn(weight, hidden[:, :-1], labels[:, 1:], None, ref_hidden[:, :-1], ref_weight)[0]
+
+    return fn
+
+
+def _dpo_flashloss(backend: str):
+    def make():
+        from ..fused_preference import FusedLinearPreferenceLoss
+
+        loss_fn = FusedLinearPreferenceLoss("sigmoid", beta=_DPO_BETA, backend=backend)
+
+        def fn(hidden, weight, ref_hidden, ref_weight, labels):
+            return loss_fn(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)[0]
+
+        return fn
+
+    return make
+
+
+def _dpo_flops(size: Size) -> float:
+    # useful work over all 2B T positions, the same count for every implementation: policy forward
+    # logits + backward dhidden and dW = 6 (2B T) H V, reference forward = 2 (2B T) H V. flashloss
+    # skips the prompt half of the rows (and recomputes the policy logits in backward), so its
+    # achieved GFLOP/s in this count is not the rate of its kernels
+    n = 2 * size["B"] * size["T"]
+    return 8.0 * n * size["H"] * size["V"]
+
+
+def _dpo_min_bytes(size: Size, dtype: torch.dtype) -> float:
+    # read policy and reference hidden states and weights once, write the policy gradients once
+    n, h, v = 2 * size["B"] * size["T"], size["H"], size["V"]
+    return (3.0 * (n * h + v * h)) * torch.finfo(dtype).bits / 8 + n * 8
+
+
+def _dpo_logits_bytes(size: Size, device: str, dtype: torch.dtype) -> float:
+    # naive: policy logits, their fp32 log_softmax and its gradient, plus the reference's logits
+    return 5.0 * 2 * size["B"] * size["T"] * size["V"] * 4
+
+
+register_case(BenchCase(
+    name="dpo_fused",
+    description=("DPO sigmoid loss from hidden states [2B,T,H] and lm_head [V,H] with a forward-only reference "
+                 "from its own hidden states and lm_head, half of every sequence prompt; forward + backward; "
+                 "FLOPs counted 8 (2BT) H V for all (policy 6, reference 2)"),
+    sizes_quick=[{"B": 2, "T": 128, "H": 256, "V": 4096}],
+    # the CPU target of issue #6 is B=8 pairs, T=512, H=1024, V=32768 (fp32)
+    sizes_full=[{"B": 8, "T": 512, "H": 1024, "V": 32768}],
+    flops=_dpo_flops,
+    min_bytes=_dpo_min_bytes,
+    x_key="V",
+    warmup_size={"B": 1, "T": 16, "H": 32, "V": 256},
+    impls=[
+        Impl("naive", "naive", _dpo_setup(_dpo_naive), estimate_bytes=_dpo_logits_bytes),
+        Impl("liger", "peer", _dpo_setup(_dpo_liger), _cuda_and(_liger_installed())),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _dpo_setup(_dpo_flashloss(b)),
+             flashloss_op_available("token_logprobs", b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+    in_quick_report=False,  # the full size is minutes on a CPU; --full or --case
+))
