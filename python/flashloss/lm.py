@@ -202,8 +202,9 @@ def _kl_rows(n: int, v: int) -> int:
     return max(1, min(n, KL_BLOCK_ELEMENTS // max(v, 1)))
 
 
-def _block_logits(hidden, weight, bias, spec: Spec, r0, r1, acc):
-    x = hidden[r0:r1].to(acc) @ weight.to(acc).T if weight.dtype != acc else hidden[r0:r1].to(acc) @ weight.T
+def _block_logits(hidden, weight_acc, bias, spec: Spec, r0, r1, acc):
+    """z for rows [r0, r1) of one model; `weight_acc` is its lm_head already in the accumulation dtype."""
+    x = hidden[r0:r1].to(acc) @ weight_acc.T
     if bias is not None:
         x = x + bias.to(acc)
     return logits_from_raw(x, spec)
@@ -242,11 +243,12 @@ def _vocab_kl_op(s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: Optiona
     s_spec = Spec(-100, inv_temperature, s_scale, s_softcap, 0)
     t_spec = Spec(-100, inv_temperature, t_scale, t_softcap, 0)
     out = torch.zeros(n, dtype=acc, device=s_hidden.device)
+    s_w, t_w = s_weight.to(acc), t_weight.to(acc)  # no copy for fp32/fp64; one upcast for bf16/fp16
     step = _kl_rows(n, v)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        zs = _block_logits(s_hidden, s_weight, s_bias, s_spec, r0, r1, acc)
-        zt = _block_logits(t_hidden, t_weight, t_bias, t_spec, r0, r1, acc)
+        zs = _block_logits(s_hidden, s_w, s_bias, s_spec, r0, r1, acc)
+        zt = _block_logits(t_hidden, t_w, t_bias, t_spec, r0, r1, acc)
         div, _ = _divergence_block(zs, zt, kind, beta)
         out[r0:r1] = torch.where(valid[r0:r1], div, 0.0)
     return out
@@ -275,12 +277,12 @@ def _vocab_kl_backward_op(g: torch.Tensor, s_hidden: torch.Tensor, s_weight: tor
     dw = torch.zeros(v, h, dtype=acc, device=s_hidden.device) if needs[1] else s_hidden.new_zeros(0, dtype=acc)
     db = torch.zeros(v, dtype=acc, device=s_hidden.device) if needs[2] else s_hidden.new_zeros(0, dtype=acc)
     gv = torch.where(valid, g, 0.0)
-    w_acc = s_weight.to(acc)
+    w_acc, t_w = s_weight.to(acc), t_weight.to(acc)
     step = _kl_rows(n, v)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        zs = _block_logits(s_hidden, s_weight, s_bias, s_spec, r0, r1, acc)
-        zt = _block_logits(t_hidden, t_weight, t_bias, t_spec, r0, r1, acc)
+        zs = _block_logits(s_hidden, w_acc, s_bias, s_spec, r0, r1, acc)
+        zt = _block_logits(t_hidden, t_w, t_bias, t_spec, r0, r1, acc)
         _, dz = _divergence_block(zs, zt, kind, beta)
         dx = dz * (gv[r0:r1, None] * raw_grad_factor(zs, s_spec))
         if needs[0]:
