@@ -614,6 +614,31 @@ void check_tlp_in(const at::Tensor& t, const TlpInputs& in, const char* name) {
               in.hidden.device(), " or empty");
 }
 
+// The forward's five outputs, and the backward's saved statistics and upstream gradients (both
+// devices check the same contract).
+void check_tlp_outputs(const TlpInputs& in, const at::Tensor& logp, const at::Tensor& lse, const at::Tensor& entropy,
+                       const at::Tensor& z_sum, const at::Tensor& log_sum_p2) {
+  check_tlp_out(logp, in, "logp");
+  check_tlp_out(lse, in, "lse");
+  check_tlp_out(entropy, in, "entropy");
+  check_tlp_out(z_sum, in, "z_sum");
+  check_tlp_out(log_sum_p2, in, "log_sum_p2");
+}
+
+void check_tlp_backward_inputs(const TlpInputs& in, const at::Tensor& lse, const at::Tensor& entropy,
+                               const at::Tensor& g_logp, const at::Tensor& g_lse, const at::Tensor& g_entropy,
+                               const at::Tensor& g_zsum) {
+  check_tlp_in(lse, in, "lse");
+  check_tlp_in(entropy, in, "entropy");
+  check_tlp_in(g_logp, in, "g_logp");
+  check_tlp_in(g_lse, in, "g_lse");
+  check_tlp_in(g_entropy, in, "g_entropy");
+  check_tlp_in(g_zsum, in, "g_zsum");
+  TORCH_CHECK(in.n == 0 || lse.numel() == in.n, "flashloss: the backward needs the forward's lse");
+  TORCH_CHECK(g_entropy.numel() == 0 || entropy.numel() == in.n,
+              "flashloss: an entropy gradient needs the forward's entropy");
+}
+
 // The device-independent loops. `K` supplies the epilogues and the GEMM operand dtype:
 //   at::Tensor operand(const at::Tensor&)       hidden / weight chunk as the GEMMs take them
 //   void forward(r0, rows, c0, cols, tile)      stats epilogue
@@ -714,11 +739,7 @@ void token_logprobs_forward_cpu(const at::Tensor& hidden, const at::Tensor& weig
                                 int64_t tile_cols) {
   const auto in = tlp_inputs(hidden, weight, bias, targets);
   check_cpu_targets(in, ignore_index);
-  check_tlp_out(logp, in, "logp");
-  check_tlp_out(lse, in, "lse");
-  check_tlp_out(entropy, in, "entropy");
-  check_tlp_out(z_sum, in, "z_sum");
-  check_tlp_out(log_sum_p2, in, "log_sum_p2");
+  check_tlp_outputs(in, logp, lse, entropy, z_sum, log_sum_p2);
   const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCpuTileElements, kTlpCpuVocabChunk);
   auto state = at::empty({in.n, 6}, hidden.options().dtype(in.acc));
   auto run = [&](auto zero) {
@@ -749,15 +770,7 @@ std::vector<at::Tensor> token_logprobs_backward_cpu(
     int64_t tile_cols) {
   const auto in = tlp_inputs(hidden, weight, bias, targets);
   check_cpu_targets(in, ignore_index);
-  check_tlp_in(lse, in, "lse");
-  check_tlp_in(entropy, in, "entropy");
-  check_tlp_in(g_logp, in, "g_logp");
-  check_tlp_in(g_lse, in, "g_lse");
-  check_tlp_in(g_entropy, in, "g_entropy");
-  check_tlp_in(g_zsum, in, "g_zsum");
-  TORCH_CHECK(in.n == 0 || lse.numel() == in.n, "flashloss: the backward needs the forward's lse");
-  TORCH_CHECK(g_entropy.numel() == 0 || entropy.numel() == in.n,
-              "flashloss: an entropy gradient needs the forward's entropy");
+  check_tlp_backward_inputs(in, lse, entropy, g_logp, g_lse, g_entropy, g_zsum);
   const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCpuTileElements, kTlpCpuVocabChunk);
   auto run = [&](auto zero) {
     using T = decltype(zero);
@@ -835,11 +848,7 @@ void token_logprobs_forward_cuda(const at::Tensor& hidden, const at::Tensor& wei
   const auto in = tlp_inputs(hidden, weight, bias, targets);
   TORCH_CHECK(hidden.is_cuda(), "flashloss: hidden must be a CUDA tensor");
   TORCH_CHECK(in.n < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
-  check_tlp_out(logp, in, "logp");
-  check_tlp_out(lse, in, "lse");
-  check_tlp_out(entropy, in, "entropy");
-  check_tlp_out(z_sum, in, "z_sum");
-  check_tlp_out(log_sum_p2, in, "log_sum_p2");
+  check_tlp_outputs(in, logp, lse, entropy, z_sum, log_sum_p2);
   const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCudaTileElements, kTlpCudaVocabChunk);
   auto state = at::empty({in.n, 6}, hidden.options().dtype(in.acc));
   CudaTlp k(in, ignore_index, inv_temperature, logit_scale, softcap);
@@ -863,15 +872,7 @@ std::vector<at::Tensor> token_logprobs_backward_cuda(
   const auto in = tlp_inputs(hidden, weight, bias, targets);
   TORCH_CHECK(hidden.is_cuda(), "flashloss: hidden must be a CUDA tensor");
   TORCH_CHECK(in.n < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
-  check_tlp_in(lse, in, "lse");
-  check_tlp_in(entropy, in, "entropy");
-  check_tlp_in(g_logp, in, "g_logp");
-  check_tlp_in(g_lse, in, "g_lse");
-  check_tlp_in(g_entropy, in, "g_entropy");
-  check_tlp_in(g_zsum, in, "g_zsum");
-  TORCH_CHECK(in.n == 0 || lse.numel() == in.n, "flashloss: the backward needs the forward's lse");
-  TORCH_CHECK(g_entropy.numel() == 0 || entropy.numel() == in.n,
-              "flashloss: an entropy gradient needs the forward's entropy");
+  check_tlp_backward_inputs(in, lse, entropy, g_logp, g_lse, g_entropy, g_zsum);
   const auto tl = tlp_tiles(in, tile_rows, tile_cols, kTlpCudaTileElements, kTlpCudaVocabChunk);
   CudaTlp k(in, ignore_index, inv_temperature, logit_scale, softcap);
   k.lse = data_or_null(lse);

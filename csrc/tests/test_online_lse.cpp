@@ -10,16 +10,7 @@
 
 using namespace flashloss::core;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                             \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      ++failures;                                                    \
-      std::printf("FAIL %s:%d: %s  ", __FILE__, __LINE__, #cond);    \
-      std::printf(__VA_ARGS__);                                      \
-      std::printf("\n");                                             \
-    }                                                                \
-  } while (0)
+#include "check.h"
 
 static long double direct_lse(const std::vector<double>& a) {
   long double m = -INFINITY;

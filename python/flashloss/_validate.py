@@ -35,3 +35,12 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on device {device} (like the other inputs), got {t.device}")
     return t
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction) -> None:
+    """Every loss takes reduction in ('mean', 'sum', 'none') (DESIGN.md §4)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

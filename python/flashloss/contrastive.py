@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._validate import check_reduction
 from .ops.contrastive_lse import contrastive_lse, softplus
 
 EPS = 1e-8
@@ -23,16 +24,11 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=EPS)
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
 def _reduce(per_item: torch.Tensor, reduction: str, valid: Optional[torch.Tensor] = None,
             mean_divisor=None) -> torch.Tensor:
     """'none': per item (invalid items 0); 'sum': sum of valid items; 'mean': that sum divided by
     the number of valid items clamped to >= 1 (or by `mean_divisor` where the anchor says so)."""
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if valid is not None:
         per_item = torch.where(valid, per_item, torch.zeros_like(per_item))
     if reduction == "none":

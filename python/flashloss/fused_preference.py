@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import preference as P
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_reduction, check_tensor
 from .ops.token_logprobs import _shifted_targets, token_logprobs
 
 __all__ = ["FusedLinearPreferenceLoss", "CPO_FAMILY", "DPO_FAMILY"]
@@ -121,7 +121,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.family, self.loss_type = _family(loss_type)
         if convention not in P.CONVENTIONS:
             raise ValueError(f"convention must be one of {P.CONVENTIONS}, got {convention!r}")
-        P._check_reduction(reduction)
+        check_reduction(reduction)
         P._check_backend(backend)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

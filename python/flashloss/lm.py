@@ -14,16 +14,10 @@ from typing import Optional
 
 import torch
 
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_reduction, check_tensor
 from .ops.token_logprobs import (Spec, _check_scalars, _check_targets, acc_dtype, logits_from_raw, raw_grad_factor,
                                  token_logprobs)
 
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _reduce(per_token: torch.Tensor, reduction: str, denom) -> torch.Tensor:
@@ -79,7 +73,7 @@ def linear_cross_entropy(
     detached (for logging). Class weights and label smoothing together raise (torch's combined
     rule is rarely what anyone wants; flashloss does not guess).
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss >= 0.0:
@@ -136,11 +130,6 @@ def linear_cross_entropy(
     return loss
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x <= 0, accurate at both ends (Maechler's switch at -log 2)."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def focal_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -161,7 +150,7 @@ def focal_loss(
     log p_y, an epilogue on the primitive's logp ((1 - p)^gamma = exp(gamma log1mexp(logp))).
     `alpha`: None, a float, or a [V] tensor of per-class weights indexed by the target. 'mean'
     divides by the number of valid tokens (or num_items_in_batch). gamma = 0 is cross-entropy."""
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     logp = token_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
@@ -356,7 +345,7 @@ def vocab_kl(
     Rows are streamed in blocks through both lm_heads (forward and a recomputing backward);
     extra memory O(N + block x V), independent of N beyond the O(N) outputs.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not 0.0 <= beta <= 1.0:

@@ -28,7 +28,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._backend import BACKENDS
+from ._backend import _check_name
+from ._validate import check_reduction
 from .ops.contrastive_lse import softplus
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "bradley_terry_loss",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
 CONVENTIONS = ("trl", "trl_legacy")
 
 # DPO-family loss types (OBJECTIVES.md §3.2): TRL 1.x names plus `cdpo`.
@@ -71,14 +71,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 def _check_backend(backend: str) -> None:
-    if backend not in ("auto",) + tuple(BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {backend!r}")
+    # the losses here act on [B] tensors; `backend` is accepted for the common signature and checked
+    _check_name(backend, "backend")
 
 
 def _acc_dtype(*ts) -> torch.dtype:
@@ -381,7 +376,7 @@ def preference_loss(
     flashloss does not.) Token-level metrics (logits/*, entropy, mean_token_accuracy) belong to
     whoever holds the tokens (the fused module).
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -619,7 +614,7 @@ def cpo_loss(policy_chosen, policy_rejected, chosen_nll=None, *, loss_type: str 
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (the l used: means for
     ipo/simpo), nll_loss (when chosen_nll is given).
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r} for cpo_loss; valid: {list(CPO_LOSS_TYPES)}")
@@ -704,7 +699,7 @@ def orpo_loss(policy_chosen, policy_rejected, chosen_nll=None, *, beta=0.1, chos
     rewards/margins, logps/chosen, logps/rejected (means), nll_loss (when given),
     log_odds_ratio = mean log sigma(z), log_odds_chosen = mean z.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     dt = _acc_dtype(policy_chosen, policy_rejected)
     lw = _vec("policy_chosen", policy_chosen, None, dt)
@@ -777,7 +772,7 @@ def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps=None, ref_kl_lo
     means; only when both classes are present; absent classes have no entry), count/chosen,
     count/rejected.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r} for kto_loss; valid: {list(KTO_LOSS_TYPES)}")
@@ -842,7 +837,7 @@ def bco_loss(policy_logps, ref_logps, desirable, *, beta=0.1, state: Optional[Ru
     metrics: delta, and as kto_loss: rewards/chosen, logps/chosen, rewards/rejected, logps/rejected,
     rewards/margins, count/chosen, count/rejected.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if state is not None and not isinstance(state, RunningMean):
         raise TypeError(f"state must be a flashloss.preference.RunningMean, got {type(state).__name__}")
@@ -878,7 +873,7 @@ def npo_loss(policy_logps, ref_logps=None, *, beta=0.1, retain_nll=None, retain_
     metrics: npo_loss (mean of the NPO term), retain_loss (when given), rewards/forget = mean beta r,
     logps/forget = mean l.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if retain_nll is not None and retain_kl is not None:
         raise ValueError("give retain_nll or retain_kl, not both")
@@ -923,7 +918,7 @@ def tdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kl_chose
     metrics: rewards/chosen = mean beta (r_w + K_w), rewards/rejected = mean beta (r_l + K_l),
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, kl/chosen, kl/rejected.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if version not in (1, 2):
         raise ValueError(f"version must be 1 (TDPO1) or 2 (TDPO2), got {version!r}")
@@ -994,7 +989,7 @@ def lipo_lambda_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, be
     metrics: rewards/mean = mean score of valid items, rewards/accuracies = fraction of ordered
     pairs (psi_i > psi_j) with s_i > s_j, num_pairs.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if labels is None:
         raise ValueError("lipo_lambda_loss needs labels [L, K]")
@@ -1039,7 +1034,7 @@ def plackett_luce_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, 
     metrics: rewards/mean = mean score of valid items, top1_accuracy = fraction of lists whose
     best-labelled item has the highest score.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     if labels is None:
         raise ValueError("plackett_luce_loss needs labels [L, K]")
@@ -1080,7 +1075,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, *, center_
     metrics (TRL names): accuracy = mean 1[r_c > r_r], margin = mean (r_c - r_r), min_reward,
     mean_reward, max_reward (over chosen and rejected rewards together).
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_backend(backend)
     eps = _float_arg("label_smoothing", label_smoothing, 0.0, 0.5)
     dt = _acc_dtype(chosen_rewards, rejected_rewards)

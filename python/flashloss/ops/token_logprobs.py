@@ -243,8 +243,8 @@ def _register_native() -> None:
 def _register_cuda() -> None:
     if _native.compiled_with_cuda() and hasattr(_native.ops(), "token_logprobs_forward"):
         _IMPLS["cuda"] = (_native_forward, _native_backward)
-        # Not in the auto order: `auto` on CUDA stays with the torch backend until the cuda backend
-        # is measured on a GPU (bench/); then re-rank _AUTO["cuda"] on the numbers.
+        # Not in the auto order: `auto` on CUDA stays ("triton", "torch") until the cuda backend is
+        # measured against Triton on a GPU (bench/); then re-rank _AUTO["cuda"] on the numbers.
         _backend.register_op(OP, _IMPLS, auto_order=_AUTO)
 
 
