@@ -90,3 +90,31 @@ def test_ring_memory_is_a_few_local_blocks_at_any_world_size():
         assert gather >= 2 * world, f"W={world}: all-gather peak {gather:.1f} blocks (expected >= {2 * world})"
         if world >= 4:
             assert ring < gather / 1.8, f"W={world}: ring {ring:.1f} blocks vs all-gather {gather:.1f}"
+
+
+def test_without_a_process_group_the_losses_are_the_single_process_losses():
+    import torch
+
+    import flashloss
+    import flashloss.distributed as fd
+
+    gen = torch.Generator().manual_seed(0)
+    img, txt = (torch.nn.functional.normalize(torch.randn(9, 5, generator=gen, dtype=torch.float64), dim=-1)
+                for _ in range(2))
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 2])
+    targets = torch.tensor([3, -100, 0, 8, 1, 2, 7, 6, 5])
+    for impl in fd.IMPLS:
+        assert torch.allclose(fd.clip_loss(img, txt, 7.0, impl=impl), flashloss.clip_loss(img, txt, 7.0))
+        assert torch.allclose(fd.siglip_loss(img, txt, 5.0, -2.0, impl=impl), flashloss.siglip_loss(img, txt, 5.0, -2.0))
+        assert torch.allclose(fd.info_nce(img, txt, targets, impl=impl), flashloss.info_nce(img, txt, targets))
+        assert torch.allclose(fd.supcon_loss(img, labels, impl=impl), flashloss.supcon_loss(img, labels))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fd.clip_loss(img, txt, 7.0, impl="allreduce")
+    with pytest.raises(ValueError, match="impl='gather'"):
+        fd.clip_loss(img, txt, 7.0, impl="ring", gather_with_grad=False)
+    with pytest.raises(ValueError, match="feature dimension"):
+        fd.clip_loss(img, txt[:, :4], 7.0)
+    with pytest.raises(ValueError, match=r"\[0, 9\)"):
+        fd.info_nce(img, txt, torch.full((9,), 9))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fd.clip_loss(img, txt, 7.0, group=object())

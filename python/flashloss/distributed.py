@@ -6,26 +6,29 @@ global batch is the concatenation in rank order, B = sum_r N_r rows. Every funct
 single-process flashloss loss on that concatenated batch, gradients included, under the convention
 below. Local batch sizes may differ between ranks.
 
-Two implementations (`impl=`):
+Three implementations (`impl=`):
 
 - ``"gather"``: all-gather the keys (open_clip's `gather_features`), then primitive A on the local
-  rows against the gathered keys. With gradient, the backward of the gather is a reduce-scatter
-  (torch.distributed.nn.all_gather). Memory per rank O(B * D); communication per step
-  (W-1)/W * B * D elements per gathered tensor each way. `clip_loss` also follows open_clip's
-  `local_loss` and `gather_with_grad` flags exactly (numbers and gradients).
+  rows against the gathered keys. With gradient, the backward of the gather is a reduce-scatter.
+  Memory per rank O(B * D) (the gathered keys and their gradient); sent per rank and step
+  (W-1) * M * D per gathered tensor forward and the same backward. `clip_loss` also follows
+  open_clip's `local_loss` and `gather_with_grad` flags exactly (numbers and gradients).
 - ``"ring"``: queries stay home; key blocks travel around the ring by point-to-point sends
-  (`batch_isend_irecv`), the send of the next block posted before the blockwise compute of the block
-  in hand. Row statistics (LSE, positive sums, SigLIP sums) accumulate at home. Column statistics of
-  a block (CLIP's text -> image direction) travel with it, one step behind, and come home as O(M_b)
-  numbers. Backward sends the blocks around again with their column statistics and upstream
-  gradients, recomputes each tile with the global LSEs, and the key gradients accumulate in a
-  buffer that travels with the block and arrives at its owner: a ring reduce-scatter, never an
-  all-reduce of anything global. Memory per rank O((N_r + M_r) * D) plus two key blocks and one
-  gradient buffer in flight per stream; communication per step: forward (W-1) blocks of M * D
-  (+ 2M statistics), backward (W-1) blocks + W gradient buffers of M * D.
-- ``"bidir"``: the ring with key blocks travelling both ways (open_clip SigLIP's `bidir`): ceil((W-1)/2)
-  steps to the right, floor((W-1)/2) to the left, each step computing on two blocks; the gradient
-  buffers go straight home (one send) at the end. Same numbers as ``"ring"``.
+  (`batch_isend_irecv`), the transfer of the next block posted before the blockwise compute of the
+  block in hand. Row statistics (LSE, positive sums, SigLIP sums) accumulate at home. Column
+  statistics of a block (CLIP's text -> image direction) travel with it, one step behind, and come
+  home as O(M_b) numbers. Backward sends the blocks around again with their column statistics and
+  upstream gradients, recomputes each tile with the global LSEs (the primitive's backward op), and
+  the key gradients accumulate in a buffer that travels with the block and arrives at its owner:
+  a ring reduce-scatter, never an all-reduce of anything global. Memory per rank: the local
+  inputs and gradients plus about six key-block-sized buffers (the block in hand, the next one
+  arriving, the gradient buffer arriving and the one leaving, the kernel's per-block dq and dk),
+  whatever W; nothing B x D or N x B. Sent per rank and step: forward W-1 key blocks (M * D) and,
+  for CLIP, 2M statistics per block; backward W-1 key blocks with 3M statistics and W-1 gradient
+  buffers (M * D, fp32).
+- ``"bidir"``: the ring with key blocks travelling both ways (open_clip SigLIP's `bidir`):
+  ceil((W-1)/2) steps to the right, floor((W-1)/2) to the left, each step computing on two blocks;
+  a gradient buffer goes straight to its owner after its last hop. Same numbers as ``"ring"``.
 
 Returned value and the DDP gradient convention. Each rank returns
 
