@@ -419,7 +419,7 @@ def ddp_model_gradients_equal_single_process():
     sizes = uneven_sizes(world)
     b = sum(sizes)
     x_img, x_txt = randn(b, 8, seed=91), randn(b, 8, seed=92)
-    cases = [("clip", impl) for impl in ("ring", "bidir", "gather")] + [("siglip", impl) for impl in ("ring", "bidir", "gather")]
+    cases = [(loss, impl) for loss in ("clip", "siglip") for impl in ("ring", "bidir", "gather")]
     for loss_name, impl in cases:
         single_model = _Towers()
         model = DistributedDataParallel(copy.deepcopy(single_model))
@@ -448,7 +448,8 @@ def mismatched_inputs_raise_the_same_error_on_every_rank():
     messages = set()
     d = 4 + odd  # one rank passes another feature dimension
     for impl in fd.IMPLS:
-        messages.add(expect_value_error(lambda: fd.clip_loss(*pair(d), 5.0, impl=impl), [f"{who}: 5", "feature dimension"], f"clip D {impl}"))
+        messages.add(expect_value_error(lambda: fd.clip_loss(*pair(d), 5.0, impl=impl),
+                                        [f"{who}: 5", "feature dimension"], f"clip D {impl}"))
         expect_value_error(lambda: fd.siglip_loss(*pair(d), 5.0, -1.0, impl=impl), [who], f"siglip D {impl}")
         expect_value_error(lambda: fd.info_nce(*pair(d), impl=impl), [who], f"info_nce D {impl}")
         expect_value_error(lambda: fd.supcon_loss(pair(d)[0], torch.arange(3), impl=impl), [who], f"supcon D {impl}")

@@ -105,7 +105,8 @@ def test_without_a_process_group_the_losses_are_the_single_process_losses():
     targets = torch.tensor([3, -100, 0, 8, 1, 2, 7, 6, 5])
     for impl in fd.IMPLS:
         assert torch.allclose(fd.clip_loss(img, txt, 7.0, impl=impl), flashloss.clip_loss(img, txt, 7.0))
-        assert torch.allclose(fd.siglip_loss(img, txt, 5.0, -2.0, impl=impl), flashloss.siglip_loss(img, txt, 5.0, -2.0))
+        assert torch.allclose(fd.siglip_loss(img, txt, 5.0, -2.0, impl=impl),
+                              flashloss.siglip_loss(img, txt, 5.0, -2.0))
         assert torch.allclose(fd.info_nce(img, txt, targets, impl=impl), flashloss.info_nce(img, txt, targets))
         assert torch.allclose(fd.supcon_loss(img, labels, impl=impl), flashloss.supcon_loss(img, labels))
     with pytest.raises(ValueError, match="impl must be one of"):

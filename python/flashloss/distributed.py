@@ -64,8 +64,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _backend
+from . import contrastive as single_process
 from ._validate import FLOAT_DTYPES, check_reduction, check_tensor
-from .contrastive import EPS
 from .ops.contrastive_lse import _BIT, OP, acc_dtype, contrastive_lse
 
 IMPLS = ("ring", "bidir", "gather")
@@ -155,7 +155,8 @@ def _check_table(table, what: str, q_name: str, k_name: str, *, same_rows: bool 
     for name, dim_field in ((q_name, "q_dim"), (k_name, "k_dim")):
         bad = [r for r, v in enumerate(table[dim_field]) if v != 2]
         if bad:
-            fail(f"{name} must be 2-D [rows, D] on every rank; rank {bad[0]} passed a {table[dim_field][bad[0]]}-D tensor")
+            fail(f"{name} must be 2-D [rows, D] on every rank; rank {bad[0]} passed a "
+                 f"{table[dim_field][bad[0]]}-D tensor")
     for r, (a, b) in enumerate(zip(table["q_d"], table["k_d"])):
         if a != b:
             fail(f"{q_name} and {k_name} must have the same feature dimension; rank {r} passed D={a} and D={b}")
@@ -613,9 +614,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, gr
     if impl == "gather" and not local_loss:  # open_clip: every rank computes the global loss
         all_img = _gather_rows(g, image_features, sizes, gather_with_grad, keep_local_grad=True)
         all_txt = _gather_rows(g, text_features, sizes, gather_with_grad, keep_local_grad=True)
-        from .contrastive import clip_loss as single
-
-        return single(all_img, all_txt, scale, bias, reduction=reduction, backend=backend)
+        return single_process.clip_loss(all_img, all_txt, scale, bias, reduction=reduction, backend=backend)
     if impl == "gather":
         all_img = _gather_rows(g, image_features, sizes, gather_with_grad)
         all_txt = _gather_rows(g, text_features, sizes, gather_with_grad)
@@ -681,8 +680,6 @@ def info_nce(q, k, targets=None, *, group=None, impl: str = "ring", scale=None, 
     temperature 0.07. Returns W * (this rank's share) of the single-process mean over the valid rows
     of the global batch ('sum': of the sum); 'none': per local row [N_r] (ignored rows 0).
     impl="ring" / "bidir": key blocks travel; "gather": all-gather of the keys with gradient."""
-    from .contrastive import _scale_arg
-
     check_reduction(reduction)
     _check_impl(impl)
     _check_features("q", q)
@@ -703,7 +700,7 @@ def info_nce(q, k, targets=None, *, group=None, impl: str = "ring", scale=None, 
         targets = torch.arange(q.shape[0], device=q.device) + _offsets(table["keys"])[g.rank]
     targets = targets.long()
     acc = acc_dtype(q.dtype)
-    s = _as_scalar_tensor("scale", _scale_arg(scale, temperature, 0.07), q, acc)
+    s = _as_scalar_tensor("scale", single_process._scale_arg(scale, temperature, 0.07), q, acc)
     b = None if bias is None else _as_scalar_tensor("bias", bias, q, acc)
     valid = targets != -100
     if impl == "gather":
@@ -738,7 +735,7 @@ def supcon_loss(embeddings, labels, *, group=None, impl: str = "ring", temperatu
                                 labels=labels), embeddings.device)
     _check_table(table, "supcon_loss", "embeddings", "embeddings", labels_name="labels")
     labels = labels.long()
-    z = F.normalize(embeddings, dim=-1, eps=EPS)
+    z = F.normalize(embeddings, dim=-1, eps=single_process.EPS)
     acc = acc_dtype(z.dtype)
     s = torch.tensor(1.0 / temperature, dtype=acc, device=z.device)
     sizes = table["rows"]

@@ -131,7 +131,8 @@ def run_one(world: int, impl: str, rows: int, dim: int, reps: int, device: str, 
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| ranks | impl | global batch | step time (median) | peak extra memory per rank | vs all-gather (flashloss) |",
+    lines = ["| ranks | impl | global batch | step time (median) | peak extra memory per rank "
+             "| vs all-gather (flashloss) |",
              "|---|---|---|---|---|---|"]
     ref = {r["world"]: r for r in results if r["impl"] == "gather"}
     for r in results:
