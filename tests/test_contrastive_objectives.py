@@ -66,9 +66,18 @@ def test_siglip_loss_matches_open_clip(backend, n):
                             name=f"SigLipLoss bf16 {backend}")
 
 
-def test_clip_multi_process_arguments_point_to_distributed():
+def test_clip_multi_process_arguments_need_a_process_group():
+    # world_size > 1 runs flashloss.distributed (tests/test_distributed.py); without a process group
+    # the forward says what is missing, and DistillClipLoss stays single-process
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        flashloss.ClipLoss(world_size=2, rank=0)(x, x, 1.0)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        flashloss.SigLipLoss(world_size=2, rank=0)(x, x, 1.0, 0.0)
     with pytest.raises(NotImplementedError, match="flashloss.distributed"):
-        flashloss.ClipLoss(world_size=2, rank=0)
+        flashloss.DistillClipLoss(world_size=2, rank=0)
+    with pytest.raises(ValueError, match="gather_with_grad"):
+        flashloss.ClipLoss(world_size=2, rank=0, impl="ring")
 
 
 # ------------------------------------------------------------------------------ pytorch-metric-learning

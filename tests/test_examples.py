@@ -31,3 +31,15 @@ def test_dpo_trl_example_learns():
     first, final = (float(v) for v in last.split(";")[0].replace("loss fell from ", "").split(" to "))
     margin = float(last.split("->")[-1])
     assert final < 0.85 * first and margin > 0.1, res.stdout
+
+
+def test_clip_distributed_example_learns_under_torchrun():
+    # two gloo processes on this CPU, launched the way the example's docstring says (torchrun)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "examples", "clip_distributed.py"), "--steps", "12", "--batch", "256"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    last = res.stdout.strip().splitlines()[-1]
+    first, final = (float(v) for v in last.replace("loss fell from ", "").split(" to "))
+    assert final < 0.5 * first, res.stdout

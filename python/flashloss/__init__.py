@@ -6,7 +6,7 @@ from . import _native
 _native.load(warn=True)  # warns once if flashloss._C is missing; the torch backend still serves
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
-from . import compat, contrastive, lm, ops, preference, ref  # noqa: E402
+from . import compat, contrastive, distributed, lm, ops, preference, ref  # noqa: E402
 from .compat import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
 from .contrastive import (  # noqa: E402
     ISogCLRLoss,
@@ -59,7 +59,7 @@ from .ops import (  # noqa: E402
 )
 
 __all__ = [
-    "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive",
+    "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive", "distributed",
     "ops", "ref", "lm", "contrastive_lse", "row_logsumexp",
     "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "linear_cross_entropy", "focal_loss", "vocab_kl",
     "info_nce", "margin_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
