@@ -123,7 +123,7 @@ def test_16_bit_inputs(backend, dtype, relaxation):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("network,padding", NETWORKS, ids=NET_IDS)
-@pytest.mark.parametrize("relaxation", ["logistic", "logistic_phi", "gaussian", "cauchy"])
+@pytest.mark.parametrize("relaxation", ["logistic_phi", "cauchy"])
 def test_gradcheck_float64(backend, network, padding, relaxation):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -250,3 +250,33 @@ def test_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(x, W), x)[0]
     assert torch.allclose(eager, got, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="flashloss._C not built")
+def test_cpu_backend_is_bitwise_independent_of_the_thread_count():
+    code = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from flashloss.ops import sort_network
+g = torch.Generator().manual_seed(5)
+x = torch.randn(301, 13, generator=g, requires_grad=True)
+W = torch.randn(13, 3, generator=g, requires_grad=True)
+r = sort_network(x, "bitonic", "cauchy", 3.0, return_P=True, position_weights=W, backend="cpu")
+loss = (r.sorted * torch.randn(r.sorted.shape, generator=g)).sum() + (r.P * torch.randn(r.P.shape, generator=g)).sum() \
+    + (r.PW * torch.randn(r.PW.shape, generator=g)).sum()
+gx, gW = torch.autograd.grad(loss, [x, W])
+torch.save([r.sorted, r.P, r.PW, gx, gW], sys.argv[2])
+"""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = []
+        for threads in (1, 2):
+            path = os.path.join(tmp, f"{threads}.pt")
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            subprocess.run([sys.executable, "-c", code, str(threads), path], check=True, env=env)
+            outs.append(torch.load(path))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)

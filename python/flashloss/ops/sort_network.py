@@ -250,14 +250,27 @@ def _register_native() -> None:
 
 
 def _native_forward(x, sched, relax, steepness, art_lambda, want_P, W):
-    return tuple(_native.ops().sort_network_forward(x, sched.pairs, sched.layer_ptr, sched.out_slot,
-                                                    RELAX_CODE[relax], steepness, art_lambda, want_P, W))
+    acc = acc_dtype(x.dtype)
+    bsz, n = x.shape
+    xa = x.to(acc).contiguous()
+    sorted_ = empty(bsz, n, dtype=acc, device=x.device)
+    alpha = empty(bsz, sched.num_comparators, dtype=acc, device=x.device)
+    P = empty(bsz, n, n, dtype=acc, device=x.device) if want_P else x.new_zeros(0, dtype=acc)
+    PW = empty(bsz, n, W.shape[2], dtype=acc, device=x.device) if W is not None else x.new_zeros(0, dtype=acc)
+    _native.ops().sort_network_forward(xa, sched.pairs, sched.layer_ptr, sched.out_slot, RELAX_CODE[relax], steepness, art_lambda, W,
+                                       sorted_, alpha, P, PW)
+    return sorted_, P, PW, alpha
 
 
 def _native_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P, g_PW, W, need_W):
-    return tuple(_native.ops().sort_network_backward(x, alpha, sched.pairs, sched.layer_ptr, sched.out_slot,
-                                                     RELAX_CODE[relax], steepness, art_lambda, g_sorted, g_P,
-                                                     g_PW, W, need_W))
+    acc = acc_dtype(x.dtype)
+    g_x = empty(*x.shape, dtype=acc, device=x.device)
+    g_W = empty(*W.shape, dtype=acc, device=x.device) if (need_W and g_PW.numel()) else x.new_zeros(0, dtype=acc)
+    _native.ops().sort_network_backward(x.to(acc).contiguous(), alpha, sched.pairs, sched.layer_ptr, sched.out_slot,
+                                        RELAX_CODE[relax],
+                                        steepness, art_lambda, g_sorted, g_P, g_PW, W if g_PW.numel() else None,
+                                        g_x, g_W)
+    return g_x, g_W
 
 
 _TRITON = "flashloss.triton_kernels.sort_network"
@@ -334,6 +347,8 @@ def _backward(ctx, g_sorted, g_P, g_PW, g_alpha):
     g_PW = prep(g_PW, W is not None)
     need_W = W is not None and ctx.needs_input_grad[1]
     g_x, g_W = _backward_op(x, alpha, g_sorted, g_P, g_PW, W, *ctx.args, need_W, ctx.backend)
+    if need_W and g_W.shape != W.shape:  # no upstream reached P @ W
+        g_W = torch.zeros_like(W)
     return (g_x.to(x.dtype), g_W if need_W else None, None, None, None, None, None, None, None)
 
 
