@@ -26,6 +26,7 @@
 
 #include "cuda/contrastive_lse.h"
 #include "cuda/row_logsumexp.h"
+#include "cuda/sort_network.h"
 #include "cuda/token_logprobs.h"
 #endif
 
@@ -808,11 +809,12 @@ SortArgs sort_args(const at::Tensor& x, const at::Tensor& pairs, const at::Tenso
   TORCH_CHECK(out_slot.dim() == 1 && out_slot.size(0) == n && out_slot.scalar_type() == at::kInt &&
                   out_slot.is_contiguous(),
               "flashloss: sort_network out_slot must be a contiguous int32 [n] tensor");
-  TORCH_CHECK(pairs.numel() == 0 || (pairs.min().item<int>() >= 0 && pairs.max().item<int>() < n),
+  // value checks of the schedule on the host only (on a GPU they would synchronise every call)
+  TORCH_CHECK(!pairs.is_cpu() || pairs.numel() == 0 || (pairs.min().item<int>() >= 0 && pairs.max().item<int>() < n),
               "flashloss: sort_network pairs must index slots in [0, ", n, ")");
   TORCH_CHECK(layer_ptr.dim() == 1 && layer_ptr.size(0) >= 1 && layer_ptr.scalar_type() == at::kInt &&
-                  layer_ptr.is_contiguous() && layer_ptr[0].item<int>() == 0 &&
-                  layer_ptr[-1].item<int64_t>() == pairs.size(0),
+                  layer_ptr.is_contiguous() &&
+                  (!layer_ptr.is_cpu() || (layer_ptr[0].item<int>() == 0 && layer_ptr[-1].item<int64_t>() == pairs.size(0))),
               "flashloss: sort_network layer_ptr must be a contiguous int32 [L + 1] tensor from 0 to C");
   SortArgs a{{n, pairs.size(0), pairs.data_ptr<int32_t>(), layer_ptr.size(0) - 1, layer_ptr.data_ptr<int32_t>(),
               out_slot.data_ptr<int32_t>()},
@@ -893,6 +895,75 @@ void sort_network_backward_cpu(const at::Tensor& x, const at::Tensor& alpha, con
   if (a.acc == at::kDouble) run(double(0));
   else run(float(0));
 }
+
+#ifdef FLASHLOSS_WITH_CUDA
+
+// Primitive C on CUDA (csrc/cuda/sort_network.cu), same tensors as the CPU wrappers.
+flashloss::cuda::SortLaunch sort_launch(const SortArgs& a, int64_t relax, double steepness, double art_lambda) {
+  TORCH_CHECK(relax >= 0 && relax <= 5, "flashloss: sort_network relaxation code must be in [0, 5], got ", relax);
+  return {a.sched.n, a.sched.num_comparators, a.sched.num_layers, a.B, a.Bw, a.g, a.sched.pairs, a.sched.layer_ptr,
+          a.sched.out_slot, int(relax), steepness, art_lambda, a.acc == at::kDouble};
+}
+
+void check_sort_cuda_n(const SortArgs& a, bool with_P) {
+  const int64_t limit = flashloss::cuda::sort_network_max_n(with_P, a.acc == at::kDouble);
+  TORCH_CHECK(a.sched.n <= limit, "flashloss: the cuda backend of sort_network takes n <= ", limit,
+              with_P ? " with P" : "", " (shared memory per warp), got n = ", a.sched.n,
+              "; use backend='triton' or backend='torch'");
+}
+
+void sort_network_forward_cuda(const at::Tensor& x, const at::Tensor& pairs, const at::Tensor& layer_ptr,
+                               const at::Tensor& out_slot, int64_t relax, double steepness, double art_lambda,
+                               const std::optional<at::Tensor>& W, const at::Tensor& sorted, const at::Tensor& alpha,
+                               const at::Tensor& P, const at::Tensor& PW) {
+  // the schedule is read on the host for its checks, then passed to the kernels as device pointers
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, sorted, {a.B, n}, "sorted");
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, P, {a.B, n, n}, "P");
+  check_sort_tensor(a, PW, {a.B, n, a.g}, "PW");
+  check_sort_cuda_n(a, P.numel() > 0);
+  TORCH_CHECK(a.B < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_cuda(flashloss::cuda::sort_network_forward(
+      sort_launch(a, relax, steepness, art_lambda), x.data_ptr(), sorted.data_ptr(), alpha.data_ptr(),
+      P.numel() ? P.data_ptr() : nullptr, W.has_value() ? W->data_ptr() : nullptr,
+      PW.numel() ? PW.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void sort_network_backward_cuda(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& pairs,
+                                const at::Tensor& layer_ptr, const at::Tensor& out_slot, int64_t relax,
+                                double steepness, double art_lambda, const at::Tensor& g_sorted, const at::Tensor& g_P,
+                                const at::Tensor& g_PW, const std::optional<at::Tensor>& W, const at::Tensor& g_x,
+                                const at::Tensor& g_W) {
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, g_sorted, {a.B, n}, "g_sorted");
+  check_sort_tensor(a, g_P, {a.B, n, n}, "g_P");
+  check_sort_tensor(a, g_PW, {a.B, n, a.g}, "g_PW");
+  check_sort_tensor(a, g_x, {a.B, n}, "g_x");
+  check_sort_tensor(a, g_W, {a.Bw, n, a.g}, "g_W");
+  TORCH_CHECK(g_W.numel() == 0 || g_PW.numel() > 0, "flashloss: sort_network g_W needs g_PW");
+  check_sort_cuda_n(a, g_P.numel() > 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto launch = sort_launch(a, relax, steepness, art_lambda);
+  auto scratch = at::empty({flashloss::cuda::sort_network_backward_scratch(launch, g_P.numel() > 0, g_PW.numel() > 0)},
+                           x.options());
+  // dL/dW per row; summed over rows here when W is shared (torch's sum: deterministic)
+  at::Tensor w_rows = g_W;
+  if (g_W.numel() && a.Bw == 1 && a.B > 1) w_rows = at::empty({a.B, n, a.g}, x.options());
+  check_cuda(flashloss::cuda::sort_network_backward(
+      launch, x.data_ptr(), alpha.data_ptr(), g_sorted.numel() ? g_sorted.data_ptr() : nullptr,
+      g_P.numel() ? g_P.data_ptr() : nullptr, g_PW.numel() ? g_PW.data_ptr() : nullptr,
+      W.has_value() ? W->data_ptr() : nullptr, g_x.data_ptr(), g_W.numel() ? w_rows.data_ptr() : nullptr,
+      scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
+  if (g_W.numel() && a.B == 0) g_W.zero_();
+  if (w_rows.data_ptr() != g_W.data_ptr() && g_W.numel()) g_W.copy_(w_rows.sum(0, true));
+}
+
+#endif
 
 #ifdef FLASHLOSS_WITH_CUDA
 // CUDA epilogues (csrc/cuda/token_logprobs.cu) on the current stream; GEMMs through cuBLAS.
@@ -1046,6 +1117,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CUDA, m) {
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cuda);
   m.impl("token_logprobs_forward", &token_logprobs_forward_cuda);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("sort_network_forward", &sort_network_forward_cuda);
+  m.impl("sort_network_backward", &sort_network_backward_cuda);
 }
 #endif
 

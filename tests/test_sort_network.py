@@ -280,3 +280,40 @@ torch.save([r.sorted, r.P, r.PW, gx, gW], sys.argv[2])
             outs.append(torch.load(path))
         for a, b in zip(*outs):
             assert torch.equal(a, b)
+
+
+GPU_BACKENDS = ["torch", "triton", "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+@pytest.mark.parametrize("network,padding", NETWORKS, ids=NET_IDS)
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33, 64, 200])
+def test_gpu_matches_reference(backend, network, padding, relaxation, n):
+    """Every GPU backend on CUDA tensors against the float64 reference (computed on the CPU)."""
+    if not backend_available(backend, "cuda")[0]:
+        pytest.skip(backend_available(backend, "cuda")[1])
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(37, n, generator=gen, dtype=torch.float64)
+    W = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    ups = (torch.randn(37, n, generator=gen, dtype=torch.float64), torch.randn(37, n, n, generator=gen,
+                                                                                dtype=torch.float64),
+           torch.randn(37, n, 3, generator=gen, dtype=torch.float64))
+
+    def ref(x, W):
+        s, P = ref_sort_network(x, network, relaxation, STEEPNESS, padding=padding)
+        return s, P, P @ W
+
+    ref_outs, ref_grads = _run(ref, x, W, ups, torch.float64)
+    b_outs, b_grads = _run(ref, x, W, ups, torch.float32)
+
+    def ours(x, W):
+        r = sort_network(x.cuda(), network, relaxation, STEEPNESS, padding=padding, return_P=True,
+                         position_weights=W.cuda(), backend=backend)
+        return r.sorted.cpu(), r.P.cpu(), r.PW.cpu()
+
+    outs, grads = _run(ours, x, W, ups, torch.float32)
+    for k, (o, r, b) in enumerate(zip(outs + grads, ref_outs + ref_grads, b_outs + b_grads)):
+        assert_close(o, r, torch.float32, f"{backend} {network}/{padding} {relaxation} n={n} item {k}",
+                     baseline_err=rel_err(b, r))
