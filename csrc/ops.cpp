@@ -18,6 +18,7 @@
 
 #include "cpu/contrastive_lse.h"
 #include "cpu/row_logsumexp.h"
+#include "cpu/sort_network.h"
 #include "cpu/token_logprobs.h"
 #ifdef FLASHLOSS_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -25,6 +26,7 @@
 
 #include "cuda/contrastive_lse.h"
 #include "cuda/row_logsumexp.h"
+#include "cuda/sort_network.h"
 #include "cuda/token_logprobs.h"
 #endif
 
@@ -786,6 +788,183 @@ std::vector<at::Tensor> token_logprobs_backward_cpu(
   return in.acc == at::kDouble ? run(double(0)) : run(float(0));
 }
 
+
+// Primitive C (flashloss.ops.sort_network) on CPU: csrc/cpu/sort_network.cpp. Every tensor is in the
+// accumulation dtype (fp32, fp64 for fp64 inputs) and contiguous; the Python layer converts x and
+// allocates the (poisoned) outputs; absent outputs / upstreams are empty tensors.
+struct SortArgs {
+  flashloss::cpu::SortSchedule sched;
+  int64_t B, Bw = 1, g = 0;
+  at::ScalarType acc;
+};
+
+SortArgs sort_args(const at::Tensor& x, const at::Tensor& pairs, const at::Tensor& layer_ptr,
+                   const at::Tensor& out_slot, const std::optional<at::Tensor>& W) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "flashloss: sort_network x must be a contiguous [B, n] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "flashloss: sort_network x must be float32 or float64 here (the Python layer upcasts)");
+  const int64_t n = x.size(1);
+  TORCH_CHECK(pairs.dim() == 2 && pairs.size(1) == 2 && pairs.scalar_type() == at::kInt && pairs.is_contiguous(),
+              "flashloss: sort_network pairs must be a contiguous int32 [C, 2] tensor");
+  TORCH_CHECK(out_slot.dim() == 1 && out_slot.size(0) == n && out_slot.scalar_type() == at::kInt &&
+                  out_slot.is_contiguous(),
+              "flashloss: sort_network out_slot must be a contiguous int32 [n] tensor");
+  // value checks of the schedule on the host only (on a GPU they would synchronise every call)
+  TORCH_CHECK(!pairs.is_cpu() || pairs.numel() == 0 || (pairs.min().item<int>() >= 0 && pairs.max().item<int>() < n),
+              "flashloss: sort_network pairs must index slots in [0, ", n, ")");
+  TORCH_CHECK(layer_ptr.dim() == 1 && layer_ptr.size(0) >= 1 && layer_ptr.scalar_type() == at::kInt &&
+                  layer_ptr.is_contiguous() &&
+                  (!layer_ptr.is_cpu() || (layer_ptr[0].item<int>() == 0 && layer_ptr[-1].item<int64_t>() == pairs.size(0))),
+              "flashloss: sort_network layer_ptr must be a contiguous int32 [L + 1] tensor from 0 to C");
+  SortArgs a{{n, pairs.size(0), pairs.data_ptr<int32_t>(), layer_ptr.size(0) - 1, layer_ptr.data_ptr<int32_t>(),
+              out_slot.data_ptr<int32_t>()},
+             x.size(0), 1, 0, x.scalar_type()};
+  if (W.has_value()) {
+    TORCH_CHECK(W->dim() == 3 && W->size(1) == n && (W->size(0) == 1 || W->size(0) == a.B) && W->is_contiguous() &&
+                    W->scalar_type() == a.acc,
+                "flashloss: sort_network W must be a contiguous [1 or B, n, g] tensor of x's dtype");
+    a.Bw = W->size(0);
+    a.g = W->size(2);
+  }
+  return a;
+}
+
+void check_sort_tensor(const SortArgs& a, const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+  if (t.dim() == 1 && t.size(0) == 0 && shape.size() != 1) return;  // absent (an empty [0] tensor)
+  TORCH_CHECK(t.sizes().vec() == shape && t.is_contiguous() && t.scalar_type() == a.acc, "flashloss: sort_network ",
+              name, " must be a contiguous ", at::IntArrayRef(shape), " tensor of dtype ", a.acc, ", got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+template <typename T>
+flashloss::core::RelaxParams<T> relax_params(int64_t relax, double steepness, double art_lambda) {
+  TORCH_CHECK(relax >= 0 && relax <= 5, "flashloss: sort_network relaxation code must be in [0, 5], got ", relax);
+  return {static_cast<flashloss::core::Relax>(relax), T(steepness), T(art_lambda)};
+}
+
+void sort_network_forward_cpu(const at::Tensor& x, const at::Tensor& pairs, const at::Tensor& layer_ptr,
+                              const at::Tensor& out_slot,
+                              int64_t relax, double steepness, double art_lambda, const std::optional<at::Tensor>& W,
+                              const at::Tensor& sorted, const at::Tensor& alpha, const at::Tensor& P,
+                              const at::Tensor& PW) {
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, sorted, {a.B, n}, "sorted");
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, P, {a.B, n, n}, "P");
+  check_sort_tensor(a, PW, {a.B, n, a.g}, "PW");
+  TORCH_CHECK(PW.numel() == 0 || W.has_value(), "flashloss: sort_network PW needs W");
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    flashloss::cpu::sort_network_forward<T>(a.sched, relax_params<T>(relax, steepness, art_lambda), a.B,
+                                            x.data_ptr<T>(), sorted.data_ptr<T>(), ptr_or_null<T>(alpha),
+                                            P.numel() ? P.data_ptr<T>() : nullptr,
+                                            W.has_value() ? W->data_ptr<T>() : nullptr, a.Bw, a.g,
+                                            PW.numel() ? PW.data_ptr<T>() : nullptr);
+  };
+  if (a.B == 0) return;
+  if (a.acc == at::kDouble) run(double(0));
+  else run(float(0));
+}
+
+void sort_network_backward_cpu(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& pairs,
+                               const at::Tensor& layer_ptr, const at::Tensor& out_slot, int64_t relax, double steepness, double art_lambda,
+                               const at::Tensor& g_sorted, const at::Tensor& g_P, const at::Tensor& g_PW,
+                               const std::optional<at::Tensor>& W, const at::Tensor& g_x, const at::Tensor& g_W) {
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, g_sorted, {a.B, n}, "g_sorted");
+  check_sort_tensor(a, g_P, {a.B, n, n}, "g_P");
+  check_sort_tensor(a, g_PW, {a.B, n, a.g}, "g_PW");
+  check_sort_tensor(a, g_x, {a.B, n}, "g_x");
+  check_sort_tensor(a, g_W, {a.Bw, n, a.g}, "g_W");
+  TORCH_CHECK(g_PW.numel() == 0 || W.has_value(), "flashloss: sort_network g_PW needs W");
+  TORCH_CHECK(g_W.numel() == 0 || g_PW.numel() > 0, "flashloss: sort_network g_W needs g_PW");
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    flashloss::cpu::sort_network_backward<T>(
+        a.sched, relax_params<T>(relax, steepness, art_lambda), a.B, x.data_ptr<T>(), ptr_or_null<T>(alpha),
+        ptr_or_null<T>(g_sorted), ptr_or_null<T>(g_P), ptr_or_null<T>(g_PW),
+        W.has_value() ? W->data_ptr<T>() : nullptr, a.Bw, a.g, g_x.data_ptr<T>(), ptr_or_null<T>(g_W));
+  };
+  if (a.B == 0) {
+    if (g_W.numel()) g_W.zero_();
+    return;
+  }
+  if (a.acc == at::kDouble) run(double(0));
+  else run(float(0));
+}
+
+#ifdef FLASHLOSS_WITH_CUDA
+
+// Primitive C on CUDA (csrc/cuda/sort_network.cu), same tensors as the CPU wrappers.
+flashloss::cuda::SortLaunch sort_launch(const SortArgs& a, int64_t relax, double steepness, double art_lambda) {
+  TORCH_CHECK(relax >= 0 && relax <= 5, "flashloss: sort_network relaxation code must be in [0, 5], got ", relax);
+  return {a.sched.n, a.sched.num_comparators, a.sched.num_layers, a.B, a.Bw, a.g, a.sched.pairs, a.sched.layer_ptr,
+          a.sched.out_slot, int(relax), steepness, art_lambda, a.acc == at::kDouble};
+}
+
+void check_sort_cuda_n(const SortArgs& a, bool with_P) {
+  const int64_t limit = flashloss::cuda::sort_network_max_n(with_P, a.acc == at::kDouble);
+  TORCH_CHECK(a.sched.n <= limit, "flashloss: the cuda backend of sort_network takes n <= ", limit,
+              with_P ? " with P" : "", " (shared memory per warp), got n = ", a.sched.n,
+              "; use backend='triton' or backend='torch'");
+}
+
+void sort_network_forward_cuda(const at::Tensor& x, const at::Tensor& pairs, const at::Tensor& layer_ptr,
+                               const at::Tensor& out_slot, int64_t relax, double steepness, double art_lambda,
+                               const std::optional<at::Tensor>& W, const at::Tensor& sorted, const at::Tensor& alpha,
+                               const at::Tensor& P, const at::Tensor& PW) {
+  // the schedule is read on the host for its checks, then passed to the kernels as device pointers
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, sorted, {a.B, n}, "sorted");
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, P, {a.B, n, n}, "P");
+  check_sort_tensor(a, PW, {a.B, n, a.g}, "PW");
+  check_sort_cuda_n(a, P.numel() > 0);
+  TORCH_CHECK(a.B < (int64_t(1) << 31), "flashloss: at most 2^31 - 1 rows on CUDA");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_cuda(flashloss::cuda::sort_network_forward(
+      sort_launch(a, relax, steepness, art_lambda), x.data_ptr(), sorted.data_ptr(), alpha.data_ptr(),
+      P.numel() ? P.data_ptr() : nullptr, W.has_value() ? W->data_ptr() : nullptr,
+      PW.numel() ? PW.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void sort_network_backward_cuda(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& pairs,
+                                const at::Tensor& layer_ptr, const at::Tensor& out_slot, int64_t relax,
+                                double steepness, double art_lambda, const at::Tensor& g_sorted, const at::Tensor& g_P,
+                                const at::Tensor& g_PW, const std::optional<at::Tensor>& W, const at::Tensor& g_x,
+                                const at::Tensor& g_W) {
+  const auto a = sort_args(x, pairs, layer_ptr, out_slot, W);
+  const int64_t n = a.sched.n;
+  check_sort_tensor(a, alpha, {a.B, a.sched.num_comparators}, "alpha");
+  check_sort_tensor(a, g_sorted, {a.B, n}, "g_sorted");
+  check_sort_tensor(a, g_P, {a.B, n, n}, "g_P");
+  check_sort_tensor(a, g_PW, {a.B, n, a.g}, "g_PW");
+  check_sort_tensor(a, g_x, {a.B, n}, "g_x");
+  check_sort_tensor(a, g_W, {a.Bw, n, a.g}, "g_W");
+  TORCH_CHECK(g_W.numel() == 0 || g_PW.numel() > 0, "flashloss: sort_network g_W needs g_PW");
+  check_sort_cuda_n(a, g_P.numel() > 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto launch = sort_launch(a, relax, steepness, art_lambda);
+  auto scratch = at::empty({flashloss::cuda::sort_network_backward_scratch(launch, g_P.numel() > 0, g_PW.numel() > 0)},
+                           x.options());
+  // dL/dW per row; summed over rows here when W is shared (torch's sum: deterministic)
+  at::Tensor w_rows = g_W;
+  if (g_W.numel() && a.Bw == 1 && a.B > 1) w_rows = at::empty({a.B, n, a.g}, x.options());
+  check_cuda(flashloss::cuda::sort_network_backward(
+      launch, x.data_ptr(), alpha.data_ptr(), g_sorted.numel() ? g_sorted.data_ptr() : nullptr,
+      g_P.numel() ? g_P.data_ptr() : nullptr, g_PW.numel() ? g_PW.data_ptr() : nullptr,
+      W.has_value() ? W->data_ptr() : nullptr, g_x.data_ptr(), g_W.numel() ? w_rows.data_ptr() : nullptr,
+      scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
+  if (g_W.numel() && a.B == 0) g_W.zero_();
+  if (w_rows.data_ptr() != g_W.data_ptr() && g_W.numel()) g_W.copy_(w_rows.sum(0, true));
+}
+
+#endif
+
 #ifdef FLASHLOSS_WITH_CUDA
 // CUDA epilogues (csrc/cuda/token_logprobs.cu) on the current stream; GEMMs through cuBLAS.
 struct CudaTlp {
@@ -913,6 +1092,10 @@ TORCH_LIBRARY(flashloss_C, m) {
   m.def("token_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
         "Tensor entropy, Tensor g_logp, Tensor g_lse, Tensor g_entropy, Tensor g_zsum, int ignore_index, "
         "float inv_temperature, float logit_scale, float softcap, int needs, int tile_rows, int tile_cols) -> Tensor[]");
+  m.def("sort_network_forward(Tensor x, Tensor pairs, Tensor layer_ptr, Tensor out_slot, int relax, float steepness, float art_lambda, "
+        "Tensor? W, Tensor(a!) sorted, Tensor(b!) alpha, Tensor(c!) P, Tensor(d!) PW) -> ()");
+  m.def("sort_network_backward(Tensor x, Tensor alpha, Tensor pairs, Tensor layer_ptr, Tensor out_slot, int relax, float steepness, "
+        "float art_lambda, Tensor g_sorted, Tensor g_P, Tensor g_PW, Tensor? W, Tensor(a!) g_x, Tensor(b!) g_W) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
@@ -922,6 +1105,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CPU, m) {
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cpu);
   m.impl("token_logprobs_forward", &token_logprobs_forward_cpu);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+  m.impl("sort_network_forward", &sort_network_forward_cpu);
+  m.impl("sort_network_backward", &sort_network_backward_cpu);
 }
 
 #ifdef FLASHLOSS_WITH_CUDA
@@ -932,6 +1117,8 @@ TORCH_LIBRARY_IMPL(flashloss_C, CUDA, m) {
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cuda);
   m.impl("token_logprobs_forward", &token_logprobs_forward_cuda);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("sort_network_forward", &sort_network_forward_cuda);
+  m.impl("sort_network_backward", &sort_network_backward_cuda);
 }
 #endif
 

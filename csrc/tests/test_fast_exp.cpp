@@ -1,4 +1,4 @@
-// ctest: core::fast_exp accuracy (dense sweep, <= 1.5 ulp where the result is a normal float (1.0 without FMA contraction, 1.003 with it)),
+// ctest: core::fast_atan accuracy (<= 3 ulp); core::fast_exp accuracy (dense sweep, <= 1.5 ulp where the result is a normal float (1.0 without FMA contraction, 1.003 with it)),
 // its special values, and bitwise agreement of the 8-lane vector instantiation with the scalar one.
 #include <cmath>
 #include <cstdio>
@@ -47,6 +47,26 @@ int main() {
       const float s = fast_exp(v[k]);
       const bool same = (std::isnan(s) && std::isnan(e[k])) || flashloss::core::float_to_bits(s) == flashloss::core::float_to_bits(e[k]);
       if (!same) { ++failures; std::printf("FAIL vector lane %d: %g vs scalar %g (x=%g)\n", k, e[k], s, v[k]); break; }
+    }
+  }
+  // fast_atan: dense sweep of [-1e4, 1e4] (log-spaced magnitudes) against double atan
+  {
+    double worst_ulp = 0, worst_x = 0;
+    for (int sign = -1; sign <= 1; sign += 2)
+      for (double m = 1e-8; m < 1e4; m *= 1.0001) {
+        const float x = float(sign * m);
+        const float got = flashloss::core::fast_atan(x);
+        const double want = std::atan(double(x));
+        const float wf = float(want);
+        const double ulp = std::fabs(got - want) / std::fabs(std::nextafter(wf, INFINITY) - wf);
+        if (ulp > worst_ulp) { worst_ulp = ulp; worst_x = x; }
+      }
+    if (worst_ulp > 3.0) { ++failures; std::printf("FAIL fast_atan max error %.3f ulp at %.9g\n", worst_ulp, worst_x); }
+    std::printf("fast_atan: max error %.3f ulp\n", worst_ulp);
+    if (flashloss::core::fast_atan(INFINITY) != float(M_PI / 2) || flashloss::core::fast_atan(-INFINITY) != -float(M_PI / 2) ||
+        !std::isnan(flashloss::core::fast_atan(NAN)) || flashloss::core::fast_atan(0.f) != 0.f) {
+      ++failures;
+      std::printf("FAIL fast_atan special values\n");
     }
   }
   if (failures) { std::printf("%d failures\n", failures); return 1; }

@@ -55,13 +55,14 @@ from .ops import (  # noqa: E402
     logprobs_from_logits,
     row_logsumexp,
     sequence_logprobs,
+    sort_network,
     token_logprobs,
 )
 
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive", "distributed",
     "ops", "ref", "lm", "contrastive_lse", "row_logsumexp",
-    "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "linear_cross_entropy", "focal_loss", "vocab_kl",
+    "token_logprobs", "logprobs_from_logits", "sort_network", "sequence_logprobs", "linear_cross_entropy", "focal_loss", "vocab_kl",
     "info_nce", "margin_nce", "moco_loss", "mnrl_loss", "clip_loss", "siglip_loss", "nt_xent", "supcon_loss", "dcl_loss",
     "debiased_contrastive_loss", "hard_negative_loss", "align_uniform_loss", "soft_target_nce",
     "hard_negative_nce", "topk_threshold", "dexml_loss", "isogclr_loss", "ISogCLRLoss", "distill_clip_loss",
