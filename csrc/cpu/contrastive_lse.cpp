@@ -102,35 +102,47 @@ inline void row_step(const ContrastiveProblem<T>& p, int64_t i, int64_t j, T* ro
   L::store(row + j, masked);
 }
 
+// Rows are split into at most kPosChunks fixed chunks (independent of the thread count); each
+// chunk adds its column-positive sums into its own buffer, and the buffers are added in chunk
+// order, so col_pos_sum is bitwise the same whatever OMP_NUM_THREADS is (per-thread buffers were
+// not: the static split of rows over threads changed the summation order).
+constexpr int64_t kPosChunks = 128;
+// Row sums over the columns (sum exp, positives, dscale, dbias, dmargin) run in T lanes for at most
+// kFlush columns, then are added into a double: plain fp32 lane sums over M = 2^20 columns lost
+// ~2e-4 relative (each lane adds M/8 terms). Rows of at most kFlush columns are summed as before.
+constexpr int64_t kFlush = 4096;
+
 template <typename T>
 void forward_rows(const ContrastiveProblem<T>& p, int64_t r0, int64_t rows, T* tile, T* row_lse, T* pos_sum,
                   T* pos_cnt, T* row_sig, T* col_pos) {
   using B = Body<T>;
   using S1 = Lane1<T>;
   const int64_t m = p.m_all;
-  const int nthreads = omp_get_max_threads();
-  std::vector<std::vector<T>> col_pos_local(col_pos ? nthreads : 0);
-#pragma omp parallel
-  {
-    T* cpl = nullptr;
-    if (col_pos) {
-      auto& buf = col_pos_local[omp_get_thread_num()];
-      buf.assign(static_cast<size_t>(m + B::W), T(0));
-      cpl = buf.data();
-    }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+  const int64_t chunks = rows < kPosChunks ? rows : kPosChunks;
+  std::vector<T> col_pos_part(col_pos ? static_cast<size_t>(chunks * (m + B::W)) : 0, T(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    T* cpl = col_pos ? col_pos_part.data() + c * (m + B::W) : nullptr;
+    const int64_t c0 = rows * c / chunks, c1 = rows * (c + 1) / chunks;
+    for (int64_t r = c0; r < c1; ++r) {
       const int64_t i = r0 + r;
       T* row = tile + r * m;
       const T sc = p.scale[i];
       RowAcc<B, T> acc;
       RowAcc<S1, T> tail;
       int64_t j = 0;
-      for (; j + B::W <= m; j += B::W) row_step<B>(p, i, j, row, sc, acc, cpl);
+      double pos_flushed = 0;
+      for (; j + B::W <= m; j += B::W) {
+        if (j && j % kFlush == 0) {
+          pos_flushed += static_cast<double>(B::hsum(acc.vpos));
+          acc.vpos = B::splat(T(0));
+        }
+        row_step<B>(p, i, j, row, sc, acc, cpl);
+      }
       for (; j < m; ++j) row_step<S1>(p, i, j, row, sc, tail, cpl);
       T mx = B::hmax(acc.vmax);
       mx = tail.vmax > mx ? tail.vmax : mx;
-      if (pos_sum) pos_sum[i] = B::hsum(acc.vpos) + tail.vpos;
+      if (pos_sum) pos_sum[i] = static_cast<T>(pos_flushed + static_cast<double>(B::hsum(acc.vpos) + tail.vpos));
       if (pos_cnt) pos_cnt[i] = static_cast<T>(acc.count + tail.count);
       if (row_sig) row_sig[i] = static_cast<T>(acc.sig + tail.sig);
       if (row_lse) {
@@ -139,19 +151,31 @@ void forward_rows(const ContrastiveProblem<T>& p, int64_t r0, int64_t rows, T* t
         } else {
           typename B::F vs = B::splat(T(0));
           const typename B::F vm = B::splat(mx);
+          double flushed = 0;
           j = 0;
-          for (; j + B::W <= m; j += B::W) vs += B::exp(B::load(row + j) - vm);
+          for (; j + B::W <= m; j += B::W) {
+            if (j && j % kFlush == 0) {
+              flushed += static_cast<double>(B::hsum(vs));
+              vs = B::splat(T(0));
+            }
+            vs += B::exp(B::load(row + j) - vm);
+          }
           T s = B::hsum(vs);
           for (; j < m; ++j) s += S1::exp(row[j] - mx);
-          row_lse[i] = mx + std::log(s);
+          row_lse[i] = mx + std::log(static_cast<T>(flushed + static_cast<double>(s)));
         }
       }
     }
   }
-  if (col_pos)
-    for (auto& buf : col_pos_local)
-      if (!buf.empty())
-        for (int64_t j = 0; j < p.m_main; ++j) col_pos[j] += buf[j];
+  if (col_pos) {
+    // chunks in order; columns in parallel (each column's sum keeps the chunk order)
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < p.m_main; ++j) {
+      T s = col_pos[j];
+      for (int64_t c = 0; c < chunks; ++c) s += col_pos_part[static_cast<size_t>(c * (m + B::W) + j)];
+      col_pos[j] = s;
+    }
+  }
 }
 
 // Column statistics of one block, vectorised across columns; merged into (col_m, col_s).
@@ -252,8 +276,10 @@ double contrastive_backward_tile(const ContrastiveProblem<T>& p, int64_t r0, int
   using B = Body<T>;
   using S1 = Lane1<T>;
   const T inf = std::numeric_limits<T>::infinity();
-  double dbias = 0;
-#pragma omp parallel for schedule(static) reduction(+ : dbias)
+  // per-row dbias partials added in row order below: the result does not depend on the thread
+  // count (an OpenMP reduction combines the threads' partial sums in an unspecified order)
+  std::vector<double> dbias_rows(static_cast<size_t>(rows), 0.0);
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     T* row = tile + r * p.m_all;
@@ -267,14 +293,24 @@ double contrastive_backward_tile(const ContrastiveProblem<T>& p, int64_t r0, int
     GradAcc<B, T> acc;
     GradAcc<S1, T> tail;
     int64_t j = 0;
-    for (; j + B::W <= p.m_all; j += B::W)
+    double ds = 0, db = 0, dm = 0;  // flushed every kFlush columns
+    for (; j + B::W <= p.m_all; j += B::W) {
+      if (j && j % kFlush == 0) {
+        ds += static_cast<double>(B::hsum(acc.dscale));
+        db += static_cast<double>(B::hsum(acc.dbias));
+        dm += static_cast<double>(B::hsum(acc.dmargin));
+        acc = GradAcc<B, T>();
+      }
       grad_step<B>(p, i, j, row, sc, lse_i, g_row_i, g_pos_i, g_sig_i, valid_i, col_lse, g_col, g_colpos, acc);
+    }
     for (; j < p.m_all; ++j)
       grad_step<S1>(p, i, j, row, sc, lse_i, g_row_i, g_pos_i, g_sig_i, valid_i, col_lse, g_col, g_colpos, tail);
-    if (dscale) dscale[i] += B::hsum(acc.dscale) + tail.dscale;
-    if (dmargin) dmargin[i] += B::hsum(acc.dmargin) + tail.dmargin;
-    dbias += static_cast<double>(B::hsum(acc.dbias) + tail.dbias);
+    if (dscale) dscale[i] += static_cast<T>(ds + static_cast<double>(B::hsum(acc.dscale) + tail.dscale));
+    if (dmargin) dmargin[i] += static_cast<T>(dm + static_cast<double>(B::hsum(acc.dmargin) + tail.dmargin));
+    dbias_rows[static_cast<size_t>(r)] = db + static_cast<double>(B::hsum(acc.dbias) + tail.dbias);
   }
+  double dbias = 0;
+  for (int64_t r = 0; r < rows; ++r) dbias += dbias_rows[static_cast<size_t>(r)];
   return dbias;
 }
 

@@ -44,3 +44,38 @@ def check_reduction(reduction) -> None:
     """Every loss takes reduction in ('mean', 'sum', 'none') (DESIGN.md §4)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _named_tensors(name: str, val):
+    if isinstance(val, torch.Tensor):
+        yield name, val
+    elif isinstance(val, (tuple, list)):
+        for i, v in enumerate(val):
+            yield from _named_tensors(f"{name}[{i}]", v)
+    elif isinstance(val, dict):
+        for k, v in val.items():
+            yield from _named_tensors(k, v)
+
+
+def same_device(fn):
+    """Decorator: every tensor argument of `fn` must be on the device of the first one; the error
+    names the argument (instead of a device error from deep inside the arithmetic). Skipped inside
+    torch.compile (devices are fixed at trace time there)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            first = None
+            for name, val in sig.bind_partial(*args, **kwargs).arguments.items():
+                for sub, t in _named_tensors(name, val):
+                    if first is None:
+                        first = (sub, t.device)
+                    elif t.device != first[1]:
+                        raise ValueError(f"{sub} must be on device {first[1]} (like {first[0]}), got {t.device}")
+        return fn(*args, **kwargs)
+
+    return wrapper

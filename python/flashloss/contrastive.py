@@ -406,6 +406,9 @@ def topk_threshold(q, k, num_negatives: int, scale=1.0, bias=None, *, targets=No
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     n, m = q.shape[0], k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # the primitive reads contiguous q and k; so does this pass (a stride-0 k took another GEMM
+    # path with other rounding, and ties at the threshold then fell on the wrong side)
+    q, k = q.contiguous(), k.contiguous()
     with torch.no_grad():
         sc = scale.detach().to(acc) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=acc)
         sc = sc.to(q.device).expand(n) if sc.dim() == 0 else sc.to(q.device)
@@ -570,13 +573,20 @@ class ISogCLRLoss(torch.nn.Module):
         self.tau_image.clamp_(self.tau_min, self.tau_max)
         self.tau_text.clamp_(self.tau_min, self.tau_max)
 
-    def _direction(self, q, k, tau, log_u_buf, index):
+    def _direction(self, q, k, tau, buf_name, index):
+        log_u_buf = getattr(self, buf_name)
         gap, log_g = _robust_direction(q, k, tau, self.backend)
         with torch.no_grad():
             old = log_u_buf[index].to(log_g.dtype)
             log_u = torch.logaddexp(old + math.log1p(-self.gamma) if self.gamma < 1 else torch.full_like(old, -math.inf),
                                     log_g.detach() + math.log(self.gamma))
-            log_u_buf[index] = log_u.to(log_u_buf.dtype)
+            if torch.compiler.is_compiling():
+                # Out of place inside a compiled graph: AOTAutograd's min-cut partitioner may
+                # recompute `old` in backward from the buffer input, which an in-place update
+                # has already overwritten by then (wrong gradients; docs/DECISIONS.md "Hardening").
+                setattr(self, buf_name, log_u_buf.index_put((index,), log_u.to(log_u_buf.dtype)))
+            else:
+                log_u_buf[index] = log_u.to(log_u_buf.dtype)
             w = torch.exp(log_g.detach() - log_u)  # g_i / u_i
         tau_a = tau.to(gap.dtype)
         surrogate = (tau_a.detach() * w) * gap + tau_a * (log_u + self.rho)
@@ -591,11 +601,11 @@ class ISogCLRLoss(torch.nn.Module):
             raise ValueError("ISogCLRLoss needs at least 2 pairs per batch")
         if not isinstance(index, torch.Tensor) or index.shape != (n,) or index.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"index must be an int tensor [N={n}] of dataset ids")
-        if bool(((index < 0) | (index >= self.tau_image.shape[0])).any()):
+        if not torch.compiler.is_compiling() and bool(((index < 0) | (index >= self.tau_image.shape[0])).any()):
             raise IndexError(f"index must be in [0, {self.tau_image.shape[0]})")
         index = index.to(self.tau_image.device).long()
-        li = self._direction(image_features, text_features, self.tau_image[index], self.log_u_image, index)
-        lt = self._direction(text_features, image_features, self.tau_text[index], self.log_u_text, index)
+        li = self._direction(image_features, text_features, self.tau_image[index], "log_u_image", index)
+        lt = self._direction(text_features, image_features, self.tau_text[index], "log_u_text", index)
         return li.mean() + lt.mean()
 
 

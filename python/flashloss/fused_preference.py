@@ -171,6 +171,18 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         """parts: [(hidden [B, T, H], targets [B, T])]; returns {output: [per-part [B, T] tensors]}.
         Only scored rows go through the lm_head: they are gathered from every part into one block."""
         h = weight.shape[1]
+        if torch.compiler.is_compiling():
+            # The gather of scored rows has a data-dependent size; inside torch.compile every row
+            # goes through the primitive, which gives ignored rows 0 and no gradient in place
+            # (the same numbers; prompt and padding rows then cost lm_head work).
+            x = torch.cat([hid.reshape(-1, h) for hid, _ in parts])
+            t = torch.cat([tgt.reshape(-1) for _, tgt in parts])
+            stats = token_logprobs(x, weight, t, bias, ignore_index=self.ignore_index, temperature=self.temperature,
+                                   logit_scale=self.logit_scale, softcap=self.softcap, outputs=outputs,
+                                   backend=self.backend)
+            counts = [tgt.numel() for _, tgt in parts]
+            return {o: [v.view(tgt.shape) for v, (_, tgt) in zip(getattr(stats, o).split(counts), parts)]
+                    for o in outputs}
         idx, rows, tgts = [], [], []
         for hid, tgt in parts:
             flat = tgt.reshape(-1)
@@ -232,6 +244,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                                  f"{rejected_hidden.shape[0]}")
             parts = [(hidden, tg_c), (rejected_hidden, tg_r)]
 
+        for pname, (hid, _) in zip(("hidden", "rejected_hidden"), parts):
+            if hid.shape[-1] != weight.shape[1]:  # (a reshape to weight's H would silently mix rows)
+                raise ValueError(f"weight must have shape [V, H={hid.shape[-1]}] (H from {pname}'s last dimension), "
+                                 f"got {list(weight.shape)}")
         outputs = ("logp",)
         if self.token_metrics:
             outputs += ("entropy", "z_sum")
@@ -292,6 +308,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise ValueError("ref_hidden must have the layout of the policy's hidden states")
         for rh, (ph, _) in zip(ref_parts_h, parts):
             check_tensor("ref_hidden", rh, dim=3, dtypes=FLOAT_DTYPES)
+            if rh.shape[-1] != ref_weight.shape[-1]:
+                raise ValueError(f"ref_hidden must have the hidden size H={ref_weight.shape[-1]} of ref_weight "
+                                 f"{list(ref_weight.shape)}, got shape {list(rh.shape)}")
             if tuple(rh.shape[:2]) != tuple(ph.shape[:2]):
                 raise ValueError(f"ref_hidden must have the leading shape {list(ph.shape[:2])} of the policy's "
                                  f"hidden states, got {list(rh.shape[:2])}")

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._backend import _check_name
-from ._validate import check_reduction
+from ._validate import same_device, check_reduction
 from .ops.contrastive_lse import softplus
 
 __all__ = [
@@ -170,6 +170,14 @@ def _scalar_or_vec(name: str, x, n: int, dt: torch.dtype, device, like: str = "p
     return x.to(dt).expand(n)
 
 
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dt) -> torch.Tensor:
+    """Mean of x over mask, 0 for an empty mask. Eager: x[mask].mean(); inside torch.compile the
+    same value as a masked sum / count (no data-dependent shape)."""
+    if torch.compiler.is_compiling():
+        return torch.where(mask, x, 0.0).sum() / mask.sum().clamp_min(1).to(dt)
+    return x[mask].mean() if bool(mask.any()) else torch.zeros((), dtype=dt, device=x.device)
+
+
 def _reduce(per_item: torch.Tensor, reduction: str, nan: bool = False) -> torch.Tensor:
     if reduction == "none":
         return per_item
@@ -275,6 +283,7 @@ def _loss_types(loss_type) -> list[str]:
     return out
 
 
+@same_device
 def preference_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -515,10 +524,15 @@ def preference_loss(
         elif t == "bco_pair":
             a, b = beta * r_w, beta * r_l
             if legacy:
-                state = bco_state if bco_state is not None else RunningMean()
-                if update_bco_state:
-                    state.update(torch.cat([a, b]).detach().mean())
-                delta = state.mean
+                if bco_state is None and torch.compiler.is_compiling():
+                    # a fresh state's mean is this batch's mean: computed in the graph (the
+                    # RunningMean update is host-side Python state, docs/DECISIONS.md "Hardening")
+                    delta = torch.cat([a, b]).detach().mean()
+                else:
+                    state = bco_state if bco_state is not None else RunningMean()
+                    if update_bco_state:
+                        state.update(torch.cat([a, b]).detach().mean())
+                    delta = state.mean
                 a, b = a - delta, b - delta
             loss = -_logsigmoid(a) - _logsigmoid(-b)
         elif t == "sppo_hard":
@@ -557,6 +571,7 @@ def preference_loss(
 dpo_loss = preference_loss
 
 
+@same_device
 def ipo_loss(policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, beta=0.1, *,
              chosen_lengths=None, rejected_lengths=None, **kwargs):
     """IPO (OBJECTIVES.md §3.2, beta plays tau): (s_w/n_w - s_l/n_l - 1/(2 beta))^2 per pair, the
@@ -593,6 +608,7 @@ def _alphapo_reward(lp: torch.Tensor, alpha: float) -> torch.Tensor:
     return -torch.expm1((-alpha * lp).clamp_max(EXP_CLAMP)) / alpha
 
 
+@same_device
 def cpo_loss(policy_chosen, policy_rejected, chosen_nll=None, *, loss_type: str = "sigmoid", beta=0.1,
              cpo_alpha: float = 1.0, label_smoothing: float = 0.0, simpo_gamma: float = 0.5, alpha: float = 0.0,
              chosen_lengths=None, rejected_lengths=None, reduction: str = "mean", backend: str = "auto"):
@@ -659,6 +675,7 @@ def cpo_loss(policy_chosen, policy_rejected, chosen_nll=None, *, loss_type: str 
     return _reduce(per, reduction), metrics
 
 
+@same_device
 def simpo_loss(policy_chosen, policy_rejected, chosen_lengths=None, rejected_lengths=None, beta=0.1,
                gamma: float = 0.5, *, label_smoothing: float = 0.0, reduction: str = "mean",
                backend: str = "auto"):
@@ -672,6 +689,7 @@ def simpo_loss(policy_chosen, policy_rejected, chosen_lengths=None, rejected_len
                     rejected_lengths=rejected_lengths, reduction=reduction, backend=backend)
 
 
+@same_device
 def alphapo_loss(policy_chosen, policy_rejected, chosen_lengths=None, rejected_lengths=None, *, alpha: float,
                  beta=0.1, gamma: float = 0.5, label_smoothing: float = 0.0, reduction: str = "mean",
                  backend: str = "auto"):
@@ -685,6 +703,7 @@ def alphapo_loss(policy_chosen, policy_rejected, chosen_lengths=None, rejected_l
                     rejected_lengths=rejected_lengths, reduction=reduction, backend=backend)
 
 
+@same_device
 def orpo_loss(policy_chosen, policy_rejected, chosen_nll=None, *, beta=0.1, chosen_lengths=None,
               rejected_lengths=None, reduction: str = "mean", backend: str = "auto"):
     """ORPO (OBJECTIVES.md §3.4), numbers as TRL `ORPOTrainer`: with per-token mean log-probs lbar
@@ -739,9 +758,20 @@ def _desirable(desirable, n: int) -> torch.Tensor:
 
 
 def _unpaired_metrics(rewards, logps, desirable, dt) -> dict:
-    """Per-class means (TRL KTO names); a class absent from the batch has no entry."""
+    """Per-class means (TRL KTO names); a class absent from the batch has no entry. Inside
+    torch.compile the entries cannot depend on the data: every entry is present, and an absent
+    class's means are NaN (the mean of an empty set)."""
     m = {}
     with torch.no_grad():
+        if torch.compiler.is_compiling():
+            for key, sel in (("chosen", desirable), ("rejected", ~desirable)):
+                cnt = sel.sum().to(dt)
+                m[f"rewards/{key}"] = torch.where(sel, rewards.detach(), 0.0).sum() / cnt
+                m[f"logps/{key}"] = torch.where(sel, logps.detach().to(dt), 0.0).sum() / cnt
+            m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+            m["count/chosen"] = desirable.sum().to(dt)
+            m["count/rejected"] = (~desirable).sum().to(dt)
+            return m
         for key, sel in (("chosen", desirable), ("rejected", ~desirable)):
             if bool(sel.any()):
                 m[f"rewards/{key}"] = rewards.detach()[sel].mean()
@@ -753,6 +783,7 @@ def _unpaired_metrics(rewards, logps, desirable, dt) -> dict:
     return m
 
 
+@same_device
 def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps=None, ref_kl_logps=None, *, beta=0.1,
              loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0, kl=None,
              reduction: str = "mean", backend: str = "auto"):
@@ -821,6 +852,7 @@ def udm_weight(prob_desirable: torch.Tensor, min_ratio: float = 0.5, max_ratio: 
     return (prob_desirable / (1.0 - prob_desirable + 1e-8)).clamp(min=min_ratio, max=max_ratio)
 
 
+@same_device
 def bco_loss(policy_logps, ref_logps, desirable, *, beta=0.1, state: Optional[RunningMean] = None,
              update_state: bool = True, udm_weights=None, reduction: str = "mean", backend: str = "auto"):
     """BCO on unpaired examples (OBJECTIVES.md §3.5), numbers as TRL v0.24.0 `BCOTrainer.bco_loss`.
@@ -848,20 +880,26 @@ def bco_loss(policy_logps, ref_logps, desirable, *, beta=0.1, state: Optional[Ru
     d = _desirable(desirable, n)
     beta = _beta(beta, n, dt, like="policy_logps")
     rew = beta * (lp - lr)
-    state = state if state is not None else RunningMean()
-    if update_state:
-        state.update(rew.detach())
-    delta = state.mean
+    if state is None and torch.compiler.is_compiling():
+        # a fresh state's mean is this batch's mean: computed in the graph (the RunningMean update
+        # is host-side Python state and cannot be; docs/DECISIONS.md "Hardening")
+        delta = rew.detach().mean()
+    else:
+        state = state if state is not None else RunningMean()
+        if update_state:
+            state.update(rew.detach())
+        delta = state.mean
     x = rew - delta
     undesirable = -_logsigmoid(-x)
     if udm_weights is not None:
         undesirable = undesirable * _vec("udm_weights", udm_weights, n, dt, "policy_logps").detach()
     per = torch.where(d, -_logsigmoid(x), undesirable)
-    metrics = {"delta": torch.tensor(delta, dtype=dt, device=device)}
+    metrics = {"delta": delta.detach() if isinstance(delta, torch.Tensor) else torch.tensor(delta, dtype=dt, device=device)}
     metrics.update(_unpaired_metrics(rew, lp, d, dt))
     return _reduce(per, reduction, nan=True), metrics
 
 
+@same_device
 def npo_loss(policy_logps, ref_logps=None, *, beta=0.1, retain_nll=None, retain_kl=None,
              retain_weight: float = 1.0, reduction: str = "mean", backend: str = "auto"):
     """NPO (negative preference optimisation, OBJECTIVES.md §3.5) on the forget set:
@@ -905,6 +943,7 @@ def npo_loss(policy_logps, ref_logps=None, *, beta=0.1, retain_nll=None, retain_
 # 3.6 token-level preference: TDPO
 
 
+@same_device
 def tdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kl_chosen, kl_rejected, *, beta=0.1,
               alpha: float = 0.5, version: int = 2, reduction: str = "mean", backend: str = "auto"):
     """TDPO (OBJECTIVES.md §3.6), numbers as the authors' `tdpo_loss`. Inputs per pair: summed
@@ -974,6 +1013,7 @@ def _lists(policy_logps, ref_logps, labels, mask, beta):
     return beta * lp, labels.to(dt), mask, dt
 
 
+@same_device
 def lipo_lambda_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, beta=0.1, reduction: str = "mean",
                      backend: str = "auto"):
     """LiPO-lambda listwise loss (OBJECTIVES.md §3.7) over L lists of K responses ([L, K] inputs;
@@ -1012,7 +1052,7 @@ def lipo_lambda_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, be
     with torch.no_grad():
         n_pairs = pairs.sum()
         metrics = {
-            "rewards/mean": s.detach()[mask].mean() if bool(mask.any()) else torch.zeros((), dtype=dt),
+            "rewards/mean": _masked_mean(s.detach(), mask, dt),
             "rewards/accuracies": ((diff.detach() > 0) & pairs).sum().to(dt) / n_pairs.clamp_min(1).to(dt),
             "num_pairs": n_pairs.to(dt),
         }
@@ -1021,6 +1061,7 @@ def lipo_lambda_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, be
     return _reduce(per_list, reduction), metrics
 
 
+@same_device
 def plackett_luce_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, beta=0.1, reduction: str = "mean",
                        backend: str = "auto"):
     """Plackett-Luce / ListMLE (DPO-PL) listwise loss (OBJECTIVES.md §3.7; allRank `listMLE` form).
@@ -1053,7 +1094,7 @@ def plackett_luce_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, 
         best_pred = torch.sort(torch.where(mask, s.detach(), neg_inf), dim=-1, descending=True, stable=True).indices[:, :1]
         top1 = ((best_true == best_pred).squeeze(-1) & valid_list).sum().to(dt) / valid_list.sum().clamp_min(1).to(dt)
         metrics = {
-            "rewards/mean": s.detach()[mask].mean() if bool(mask.any()) else torch.zeros((), dtype=dt),
+            "rewards/mean": _masked_mean(s.detach(), mask, dt),
             "top1_accuracy": top1,
         }
     if reduction == "mean":
@@ -1065,6 +1106,7 @@ def plackett_luce_loss(policy_logps, ref_logps=None, labels=None, mask=None, *, 
 # 3.8 Bradley-Terry reward model
 
 
+@same_device
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, *, center_rewards_coefficient=None,
                        label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto"):
     """Bradley-Terry reward-model loss (OBJECTIVES.md §3.8), numbers as TRL `RewardTrainer`.
