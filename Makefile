@@ -23,8 +23,10 @@ demo: install
 	$(VENV)/bin/flashloss info
 	$(VENV)/bin/flashloss bench --quick --out $(BENCH_OUT)
 
+# FLASHLOSS_REQUIRE_ANCHORS=1: an anchor library that .deps installs and a test compares with must be
+# importable (tests/anchors.py: require_anchor fails instead of skipping)
 test: install
-	$(PY) -m pytest tests -q
+	FLASHLOSS_REQUIRE_ANCHORS=1 $(PY) -m pytest tests -q
 	$(MAKE) ctest
 
 install: $(VENV)/.flashloss-installed
@@ -43,6 +45,13 @@ $(VENV)/.deps: $(VENV)/bin/python setup.py
 	# anchors of primitive B and the preference losses (TRL, Cut Cross-Entropy, Liger-Kernel); torch
 	# stays pinned in the same resolver call
 	$(PY) -m pip install -q "$(TORCH_SPEC)" trl cut-cross-entropy liger-kernel
+	# anchors of primitive C: diffsort (pure Python; the sorting tests require it under `make test`)
+	# and torchsort (a benchmark peer, built from source against the installed torch: ~1 min). The
+	# torchsort line may fail without stopping the build: its setup.py also builds a CUDA extension
+	# whenever nvcc is on PATH, which fails with a CPU torch or without CUDA_HOME; the benchmark then
+	# lists torchsort as not installed.
+	$(PY) -m pip install -q "$(TORCH_SPEC)" diffsort
+	-$(PY) -m pip install -q --no-build-isolation "$(TORCH_SPEC)" torchsort
 	touch $@
 
 # The package itself, editable, with flashloss._C built against the installed torch (rebuilt
@@ -52,7 +61,7 @@ $(VENV)/.flashloss-installed: $(VENV)/.deps $(NATIVE_SOURCES)
 	touch $@
 
 pytest: install
-	$(PY) -m pytest tests -q
+	FLASHLOSS_REQUIRE_ANCHORS=1 $(PY) -m pytest tests -q
 
 # Standalone native build: C++ unit tests of csrc/core and csrc/cpu, and (when nvcc is found)
 # the csrc/cuda compile check for sm_80/sm_90a with the ptxas report in $(CMAKE_BUILD), and a

@@ -6,7 +6,7 @@ from . import _native
 _native.load(warn=True)  # warns once if flashloss._C is missing; the torch backend still serves
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_available  # noqa: E402
-from . import compat, contrastive, distributed, lm, ops, preference, ref  # noqa: E402
+from . import compat, contrastive, distributed, lm, ops, preference, ref, sorting  # noqa: E402
 from .compat import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss  # noqa: E402
 from .contrastive import (  # noqa: E402
     ISogCLRLoss,
@@ -50,6 +50,15 @@ from .preference import (  # noqa: E402
     tdpo_loss,
     udm_weight,
 )
+from .sorting import (  # noqa: E402
+    DiffSortNet,
+    groco_loss,
+    neural_ndcg,
+    neural_sort,
+    permutation_loss,
+    soft_rank,
+    spearman_loss,
+)
 from .ops import (  # noqa: E402
     contrastive_lse,
     logprobs_from_logits,
@@ -71,4 +80,6 @@ __all__ = [
     "kto_loss", "bco_loss", "udm_weight", "npo_loss", "tdpo_loss", "lipo_lambda_loss", "plackett_luce_loss",
     "bradley_terry_loss", "RunningMean", "FusedLinearPreferenceLoss",
     "ClipLoss", "DistillClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss",
+    "sorting", "DiffSortNet", "permutation_loss", "groco_loss", "soft_rank", "spearman_loss", "neural_sort",
+    "neural_ndcg",
 ]

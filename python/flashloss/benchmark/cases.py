@@ -711,3 +711,232 @@ register_case(BenchCase(
     ],
     in_quick_report=False,  # the full size is minutes on a CPU; --full or --case
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitive C: relaxed sorting networks (issue #7). sort_network: x [B, n] -> (sorted, P) through the
+# odd-even network, cauchy, steepness 10, forward + backward with random upstream gradients on both
+# sorted and P (the loss reads every entry of P, as diffsort's permutation loss does).
+
+
+def _odd_even_dense_layers(n: int, device: str, dtype: torch.dtype):
+    """diffsort's `odd_even_network(n)` matrices (split_a, split_b, combine_min, combine_max per
+    layer; uncovered wires compare with themselves and recombine with weight 1/2)."""
+    layers = []
+    for layer in range(n):
+        shifted, even = layer % 2 == 1, n % 2 == 0
+        k = n // 2 + shifted if even else n // 2 + 1
+        sa, sb = torch.zeros(k, n), torch.zeros(k, n)
+        cmin, cmax = torch.zeros(n, k), torch.zeros(n, k)
+        c = 0
+        for i in range(int(shifted), n - 1, 2):
+            sa[c, i], sb[c, i + 1], cmin[i, c], cmax[i + 1, c] = 1, 1, 1, 1
+            c += 1
+        passthrough = ([0, n - 1] if shifted else []) if even else ([0] if shifted else [n - 1])
+        for w in passthrough:
+            sa[c, w], sb[c, w], cmin[w, c], cmax[w, c] = 1, 1, 0.5, 0.5
+            c += 1
+        layers.append(tuple(t.to(device=device, dtype=dtype) for t in (sa, sb, cmin, cmax)))
+    return layers
+
+
+def dense_sort(x: torch.Tensor, steepness: float = 10.0, layers=None):
+    """The naive baseline: diffsort's `execute_sort` (cauchy) on the odd-even network, dense layer
+    products: every layer multiplies the [B, n, n] permutation matrix by [n, k] and [k, n] matrices
+    (O(B n^3) per layer, O(B n^4) in all), and autograd keeps every layer's P for backward."""
+    import math
+
+    bsz, n = x.shape
+    layers = layers if layers is not None else _odd_even_dense_layers(n, x.device, x.dtype)
+    X = torch.eye(n, dtype=x.dtype, device=x.device).repeat(bsz, 1, 1)
+    for sa, sb, cmin, cmax in layers:
+        a, b = x @ sa.T, x @ sb.T
+        alpha = torch.atan(steepness * (b - a)) / math.pi + 0.5
+        aX, bX = X @ sa.T, X @ sb.T
+        w_min = alpha.unsqueeze(-2) * aX + (1 - alpha).unsqueeze(-2) * bX
+        w_max = (1 - alpha).unsqueeze(-2) * aX + alpha.unsqueeze(-2) * bX
+        X = (w_max @ cmax.T.unsqueeze(-3)) + (w_min @ cmin.T.unsqueeze(-3))
+        x = (alpha * a + (1 - alpha) * b) @ cmin.T + ((1 - alpha) * a + alpha * b) @ cmax.T
+    return x, X
+
+
+def _sort_setup(make_fn, with_P: bool = True):
+    """run() = (sorted, P) -> gradient of x under random upstreams on both (on sorted only when the
+    implementation has no P: torchsort's soft ranks)."""
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        gen = _seed(size)
+        bsz, n = size["B"], size["n"]
+        x = torch.randn(bsz, n, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        g_s = torch.randn(bsz, n, generator=gen).to(device=device, dtype=dtype)
+        g_P = torch.randn(bsz, n, n, generator=gen).to(device=device, dtype=dtype) if with_P else None
+        fn = make_fn(size, device, dtype)
+
+        def run():
+            out = fn(x)
+            if with_P:
+                return torch.autograd.grad(out, x, (g_s, g_P))
+            return torch.autograd.grad(out, x, g_s)
+
+        return run
+
+    return setup
+
+
+def _sort_naive(size, device, dtype):
+    layers = _odd_even_dense_layers(size["n"], device, dtype)
+    return lambda x: dense_sort(x, 10.0, layers)
+
+
+def _sort_diffsort(size, device, dtype):
+    from diffsort import DiffSortNet
+
+    return DiffSortNet("odd_even", size["n"], device=device, steepness=10.0, distribution="cauchy")
+
+
+def _sort_torchsort(size, device, dtype):
+    """torchsort.soft_rank (regularised isotonic regression, O(n log n) per row): soft ranks only,
+    no P: a different relaxation and less output, listed for its speed."""
+    import torchsort
+
+    return lambda x: torchsort.soft_rank(x, regularization_strength=0.1)
+
+
+def _sort_flashloss(backend: str):
+    def make(size, device, dtype):
+        from ..ops import sort_network
+
+        def fn(x):
+            r = sort_network(x, "odd_even", "cauchy", 10.0, return_P=True, backend=backend)
+            return r.sorted, r.P
+
+        return fn
+
+    return make
+
+
+def _sort_comparators(size: Size) -> int:
+    return size["n"] * (size["n"] - 1) // 2
+
+
+def _sort_dense_bytes(size: Size, device: str, dtype: torch.dtype) -> float:
+    # autograd keeps ~5 [B, n, n] tensors per layer (aX, bX, w_min, w_max, X), n layers
+    return 5.0 * size["n"] * size["B"] * size["n"] ** 2 * 4
+
+
+register_case(BenchCase(
+    name="sort_network",
+    description=("relaxed odd-even sort (cauchy, steepness 10) returning sorted values and P, forward + backward "
+                 "with random upstreams on both; FLOPs counted 24 n C B (the column-mixing form)"),
+    sizes_quick=[{"B": 256, "n": 16}],
+    # the CPU target of issue #7 is B = 1024, n = 32 (fp32)
+    sizes_full=[{"B": b, "n": n} for n in (16, 32, 64) for b in (256, 1024, 4096)],
+    # forward: P's two columns mixed per comparator (6n per row); backward ~3x (recompute + two sweeps)
+    flops=lambda s: 24.0 * s["n"] * _sort_comparators(s) * s["B"],
+    # read x, write P and sorted; read their upstreams, write dx
+    min_bytes=lambda s, dt: 2.0 * s["B"] * (2 * s["n"] + s["n"] ** 2) * torch.finfo(dt).bits / 8,
+    x_key="n",
+    warmup_size={"B": 8, "n": 8},
+    impls=[
+        Impl("naive", "naive", _sort_setup(_sort_naive), estimate_bytes=_sort_dense_bytes),
+        Impl("diffsort", "peer", _sort_setup(_sort_diffsort), _installed("diffsort", "diffsort"),
+             estimate_bytes=_sort_dense_bytes),
+        Impl("torchsort[soft_rank]", "peer", _sort_setup(_sort_torchsort, with_P=False),
+             _installed("torchsort", "torchsort")),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _sort_setup(_sort_flashloss(b)), flashloss_op_available("sort_network", b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# groco_loss: GroCo over two views [B, D] (k = 10 negatives, odd-even cauchy steepness 1 on n = 11),
+# forward + backward. The anchor's path forms the B x B cosine matrix of each view; flashloss
+# selects the negatives in row tiles and never holds it.
+
+GROCO_K = 10
+
+
+def groco_dense(views, k: int = GROCO_K, sorter=None):
+    """The dense path of ninatu/learning_by_sorting GroCo (stop_grad, single process): B x B cosine
+    similarities with the diagonal at -inf, topk, P from a dense relaxed sort (diffsort-style layer
+    products unless `sorter` is given), group sums, clip, the two BCE terms, mean over anchor views."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    n = k + len(views) - 1
+    for a, f in enumerate(views):
+        za = F.normalize(f.float(), dim=-1, eps=1e-8)
+        pos = torch.stack([(za * F.normalize(p.float(), dim=-1, eps=1e-8).detach()).sum(1)
+                           for i, p in enumerate(views) if i != a], 1).sort(1).values
+        sims = (za @ za.detach().T).masked_fill(torch.eye(len(za), dtype=torch.bool, device=za.device), float("-inf"))
+        x = torch.cat([sims.topk(k, dim=1).values.flip(1), pos], 1)
+        P = sorter(x) if sorter is not None else dense_sort(x, 1.0)[1]
+        t = (torch.arange(n, device=x.device) >= k).to(x.dtype).expand(len(x), n)[..., None]
+        q_pos = P[:, :, k:].sum(2, keepdim=True).clip(0, 1)
+        q_neg = P[:, :, :k].sum(2, keepdim=True).clip(0, 1)
+        total = total + (F.binary_cross_entropy(q_pos, t) + F.binary_cross_entropy(q_neg, 1 - t)) / 2
+    return total / len(views)
+
+
+def _groco_setup(make_fn):
+    def setup(size: Size, device: str, dtype: torch.dtype):
+        gen = _seed(size)
+        views = [torch.randn(size["B"], size["D"], generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+                 for _ in range(2)]
+        fn = make_fn()
+
+        def run():
+            return torch.autograd.grad(fn(views), views)
+
+        return run
+
+    return setup
+
+
+def _groco_naive():
+    return lambda views: groco_dense(views)
+
+
+def _groco_diffsort():
+    from diffsort import DiffSortNet
+
+    sorters = {}  # diffsort's network matrices live on the device given at construction
+
+    def sorter(x):
+        if x.device not in sorters:
+            sorters[x.device] = DiffSortNet("odd_even", GROCO_K + 1, device=x.device, steepness=1,
+                                            interpolation_type="cauchy")
+        return sorters[x.device](x)[1]
+
+    return lambda views: groco_dense(views, sorter=sorter)
+
+
+def _groco_flashloss(backend: str):
+    def make():
+        from ..sorting import groco_loss
+
+        return lambda views: groco_loss(views, topk_neg=GROCO_K, backend=backend)
+
+    return make
+
+
+register_case(BenchCase(
+    name="groco_loss",
+    description=("GroCo (learning_by_sorting) over two views [B, D], k = 10 negatives, odd-even cauchy sort of "
+                 "n = 11, forward + backward; FLOPs counted 4 B^2 D (the two views' similarity products)"),
+    sizes_quick=[{"B": 1024, "D": 128}],
+    sizes_full=[{"B": b, "D": 128} for b in (1024, 4096, 16384)],  # the target of issue #7: B = 4096
+    flops=lambda s: 4.0 * s["B"] ** 2 * s["D"],
+    min_bytes=lambda s, dt: 4.0 * s["B"] * s["D"] * torch.finfo(dt).bits / 8,  # read 2 views, write 2 grads
+    x_key="B",
+    warmup_size={"B": 64, "D": 128},
+    impls=[
+        Impl("naive", "naive", _groco_setup(_groco_naive), estimate_bytes=lambda s, d, t: 8.0 * s["B"] ** 2 * 4),
+        Impl("diffsort", "peer", _groco_setup(_groco_diffsort), _installed("diffsort", "diffsort"),
+             estimate_bytes=lambda s, d, t: 8.0 * s["B"] ** 2 * 4),
+    ] + [
+        Impl(f"flashloss[{b}]", "flashloss", _groco_setup(_groco_flashloss(b)), flashloss_op_available("sort_network", b))
+        for b in FLASHLOSS_BACKENDS
+    ],
+))

@@ -246,14 +246,22 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
             continue
         x_key = cases[name].x_key
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for impl in dict.fromkeys(r["impl"] for r in rows):
-            pts = sorted((r["size"][x_key], r) for r in rows if r["impl"] == impl)
+        # one line per implementation and per value of the other size keys (a sweep over B and n
+        # plotted against n gets one line per B)
+        def others(r):
+            return tuple((k, v) for k, v in r["size"].items() if k != x_key)
+
+        several = len({others(r) for r in rows}) > 1
+        for impl, rest in dict.fromkeys((r["impl"], others(r)) for r in rows):
+            pts = sorted(((r["size"][x_key], r) for r in rows if r["impl"] == impl and others(r) == rest),
+                         key=lambda p: p[0])
+            label = impl + (" " + " ".join(f"{k}={v}" for k, v in rest) if several else "")
             xs = [p[0] for p in pts]
-            axes[0].plot(xs, [p[1]["time_s"] * 1e3 for p in pts], marker="o", label=impl)
+            axes[0].plot(xs, [p[1]["time_s"] * 1e3 for p in pts], marker="o", label=label)
             mem = [(x, p[1].get("peak_extra_bytes")) for x, p in zip(xs, pts)]
             mem = [(x, b / 2**20) for x, b in mem if b is not None]
             if mem:
-                axes[1].plot([m[0] for m in mem], [max(m[1], 1e-2) for m in mem], marker="o", label=impl)
+                axes[1].plot([m[0] for m in mem], [max(m[1], 1e-2) for m in mem], marker="o", label=label)
         for ax, title, unit in ((axes[0], "time (fwd+bwd)", "ms"), (axes[1], "peak extra memory", "MiB")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
