@@ -46,12 +46,12 @@ $(VENV)/.deps: $(VENV)/bin/python setup.py
 	# stays pinned in the same resolver call
 	$(PY) -m pip install -q "$(TORCH_SPEC)" trl cut-cross-entropy liger-kernel
 	# anchors of primitive C: diffsort (pure Python; the sorting tests require it under `make test`)
-	# and torchsort (a benchmark peer, built from source against the installed torch: ~1 min). The
-	# torchsort line may fail without stopping the build: its setup.py also builds a CUDA extension
-	# whenever nvcc is on PATH, which fails with a CPU torch or without CUDA_HOME; the benchmark then
-	# lists torchsort as not installed.
+	# and torchsort (a benchmark peer for soft ranks, built from source against the installed torch:
+	# ~1 min). Its setup.py adds a CUDA extension whenever `nvcc` runs, which fails against a CPU
+	# torch, so it is built with a PATH that hides nvcc (CPU kernels only); the line may fail without
+	# stopping the build, and the benchmark then lists torchsort as not installed.
 	$(PY) -m pip install -q "$(TORCH_SPEC)" diffsort
-	-$(PY) -m pip install -q --no-build-isolation "$(TORCH_SPEC)" torchsort
+	-env PATH="$(abspath $(VENV))/bin:/usr/bin:/bin" $(PY) -m pip install -q --no-build-isolation "$(TORCH_SPEC)" torchsort
 	touch $@
 
 # The package itself, editable, with flashloss._C built against the installed torch (rebuilt
