@@ -317,3 +317,32 @@ def test_gpu_matches_reference(backend, network, padding, relaxation, n):
     for k, (o, r, b) in enumerate(zip(outs + grads, ref_outs + ref_grads, b_outs + b_grads)):
         assert_close(o, r, torch.float32, f"{backend} {network}/{padding} {relaxation} n={n} item {k}",
                      baseline_err=rel_err(b, r))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton under the interpreter (CPU tensors; tiny shapes: the interpreter is slow). ROWS is 2 there,
+# so the 5-row problems cross row blocks, and the shared-W gradient sums per-program partials.
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+@pytest.mark.parametrize("network,padding", NETWORKS, ids=NET_IDS)
+@pytest.mark.parametrize("n", [1, 3, 7, 16])
+def test_triton_interpreter_matches_reference(network, padding, relaxation, n):
+    _check("triton", network, padding, relaxation, n, torch.float32)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("network,padding", NETWORKS, ids=NET_IDS)
+def test_triton_interpreter_fp64_per_row_weights_and_16_bit(network, padding):
+    _check("triton", network, padding, "logistic_phi", 11, torch.float64)
+    _check("triton", network, padding, "cauchy", 11, torch.float32, per_row_w=True)
+    _check("triton", network, padding, "cauchy", 11, torch.bfloat16, tol=TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.interpret
+def test_triton_beyond_its_limits_runs_the_torch_implementation():
+    tk = importlib.import_module("flashloss.triton_kernels.sort_network")
+    assert tk.supports(64, True, 0) and not tk.supports(65, True, 0) and not tk.supports(33, True, 0, torch.float64)
+    assert not tk.supports(tk.MAX_N + 1, False, 0)
+    _check("triton", "odd_even", "exact", "cauchy", 65, torch.float32)  # P at n = 65: torch path, same contract

@@ -35,3 +35,25 @@ def test_token_logprobs_kernels_compile(arch, dtypes, pairs):
             assert r["wgmma"], f"{what}: no tensor-core dot"
         if r["kernel"] == "bwd":
             assert r["relaxed_red"] and not r["acq_rel_atom"], f"{what}: atomics are not relaxed reductions"
+
+
+@pytest.mark.slow
+def test_sort_network_kernels_compile():
+    """Every sort_network kernel (forward, backward) for the sizes and relaxations of
+    triton_compile.SORT_CASES in fp32, fp64 and bf16, at the launcher's tiles for H100, within the
+    kernels' limits (larger n run the torch implementation): compiles with <= 128 bytes of spills
+    and no atomics (the backward's cross-row sums go through per-program partials)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(TESTS_DIR, "triton_compile.py"), "--arch", "90", "--op",
+                          "sort_network"], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if rows and "unavailable" in rows[0]:
+        pytest.skip(rows[0]["unavailable"])
+    assert len(rows) >= 20, out.stdout[-4000:]
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, failed[0]
+    for r in rows:
+        what = f"{r['kernel']} {r['case']} {r['dtype']} ({r['ROWS']} rows, {r['warps']} warps)"
+        assert r["stack_bytes"] <= 128, f"{what}: {r['stack_bytes']} bytes of spills"
+        assert not r["relaxed_red"] and not r["acq_rel_atom"], f"{what}: atomics"

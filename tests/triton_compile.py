@@ -5,7 +5,8 @@ cubin's resource usage, shared memory, and a few facts about the PTX (tensor-cor
 flavour). Runs in its own process: under TRITON_INTERPRET=1 `triton.jit` builds interpreter
 functions, which cannot be compiled.
 
-    python tests/triton_compile.py [--arch 90] [--dtypes bf16,fp32]   one JSON object per kernel and config
+    python tests/triton_compile.py [--arch 90] [--dtypes bf16,fp32] [--op token_logprobs|sort_network]
+        one JSON object per kernel and config
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def compile_kernel(fn, ptr_types: dict, floats: set, consts: dict, warps: int, stages: int, arch: int) -> dict:
+def compile_kernel(fn, ptr_types: dict, floats: set, consts: dict, warps: int, stages: int, arch: int,
+                   doubles: frozenset = frozenset()) -> dict:
+    """`floats` / `doubles`: the scalar arguments passed as fp32 / fp64; other scalars are i32."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -47,6 +50,8 @@ def compile_kernel(fn, ptr_types: dict, floats: set, consts: dict, warps: int, s
         elif name in ptr_types:
             sig[name] = "*" + ptr_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in doubles:
+            sig[name] = "fp64"
         elif name in floats:
             sig[name] = "fp32"
         else:
@@ -101,16 +106,57 @@ def token_logprobs_cases(arch: int, dtypes=None):
                 yield row
 
 
+# sort_network: (name, n, want_P, g, relaxation) at the launcher's default tiles for a large batch
+SORT_CASES = [("values_n32", 32, False, 0, "cauchy"), ("P_PW_n16", 16, True, 4, "cauchy"),
+              ("P_PW_n64", 64, True, 4, "cauchy"), ("P_PW_n32", 32, True, 4, "cauchy"), ("PW_n256_g2", 256, False, 2, "cauchy"),
+              ("P_n32_logistic_phi", 32, True, 0, "logistic_phi"), ("P_n32_gaussian", 32, True, 0, "gaussian")]
+SORT_BATCH, SORT_SMS = 1 << 16, 132  # H100 SXM
+
+
+def sort_network_cases(arch: int, dtypes=None):
+    import flashloss.triton_kernels.sort_network as sk
+    from flashloss.ops.sort_network import RELAX_CODE
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        t = TYPE[dtype]
+        if dtypes and t not in dtypes:
+            continue
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        for name, n, want_p, g, relax in SORT_CASES:
+            if dtype == torch.bfloat16 and name != "P_PW_n64":  # bf16 only changes the x load
+                continue
+            if not sk.supports(n, want_p, g, dtype):  # served by the torch implementation
+                continue
+            common = dict(RELAX=RELAX_CODE[relax], WANT_P=want_p, WANT_W=g > 0,
+                          ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+            for kind, fn, flags in (("fwd", sk._fwd_kernel, {}),
+                                    ("bwd", sk._bwd_kernel, dict(HAS_GS=True, NEED_W=g > 0, SHARED_W=g > 0))):
+                cfg = sk._config(kind, n, want_p, g, dtype, SORT_BATCH, SORT_SMS)
+                warps = cfg.pop("num_warps")
+                ptrs = {p: ("i32" if p in ("tab_ptr", "comp_ptr", "rank_ptr") else t if p == "x_ptr" else acc)
+                        for p in fn.arg_names if p.endswith("_ptr")}
+                row = dict(op="sort_network", kernel=kind, case=name, dtype=t, relaxation=relax, n=n, want_P=want_p,
+                           g=g, arch=arch, warps=warps, ROWS=cfg["ROWS"], BN=cfg["BN"], BG=cfg["BG"])
+                try:
+                    row.update(compile_kernel(fn, ptrs, set(), dict(**common, **flags, **cfg), warps, 1, arch,
+                                              doubles=frozenset({"steepness", "art_lambda"})), ok=True)
+                except Exception as e:  # reported, the test fails on it
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:4000]}")
+                yield row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtypes", default="", help="comma-separated subset of bf16,fp16,fp32,fp64")
+    parser.add_argument("--op", default="token_logprobs", choices=("token_logprobs", "sort_network"))
     args = parser.parse_args(argv)
     ok, why = available()
     if not ok:
         print(json.dumps(dict(unavailable=why)))
         return 0
-    for row in token_logprobs_cases(args.arch, [d for d in args.dtypes.split(",") if d]):
+    cases = token_logprobs_cases if args.op == "token_logprobs" else sort_network_cases
+    for row in cases(args.arch, [d for d in args.dtypes.split(",") if d] or None):
         print(json.dumps(row), flush=True)
     return 0
 
