@@ -1,5 +1,5 @@
-"""One small, valid call of every public loss of flashloss (sorting and distributed excepted: they
-are hardened on their own branches). Shared by tests/test_compile_families.py (torch.compile
+"""One small, valid call of every public loss of flashloss (flashloss.distributed excepted: see
+EXCLUDED). Shared by tests/test_compile_families.py (torch.compile
 fullgraph vs eager) and tests/test_validation_audit.py (non-contiguous, expanded and no-grad
 inputs).
 
@@ -18,13 +18,15 @@ import flashloss
 # Public names that are not losses (modules, namespaces, helpers without a loss value).
 NOT_LOSSES = {
     "__version__", "BACKENDS", "BackendUnavailableError", "backend_available", "compat", "contrastive", "ops",
-    "ref", "lm", "preference", "RunningMean",
+    "ref", "lm", "preference", "RunningMean", "SortResult",
     "topk_threshold",  # a no-grad helper (hard-negative threshold), covered through hard_negative_nce
     "udm_weight",  # a no-grad weight helper of bco_loss
 }
 # Families being built on other branches (hardened after their merge).
-EXCLUDED = {"sorting", "distributed", "sort_network", "DiffSortNet", "permutation_loss", "groco_loss", "soft_rank",
-            "spearman_loss", "neural_sort", "neural_ndcg"}
+# flashloss.distributed: with a process group its losses run point-to-point communication inside
+# autograd Functions, which torch.compile does not trace (docs/DECISIONS.md, Hardening); without one
+# they are the single-process functions of this table. Tested in tests/test_distributed.py.
+EXCLUDED = {"distributed", "sorting"}
 
 
 def _g(seed=0):
@@ -217,6 +219,23 @@ CASES = {
                               [rand(N, D, dtype=dt), torch.tensor([0, 1, 0, 2, 1, 2])]),
     "SupConLoss": lambda dt: ((lambda e, y: flashloss.SupConLoss()(e, y)),
                               [rand(N, D, dtype=dt), torch.tensor([0, 1, 0, 2, 1, 3])]),
+    # ---- sorting (primitive C)
+    "sort_network": lambda dt: ((lambda x, w: flashloss.sort_network(x, "bitonic", "cauchy", 3.0, return_P=True,
+                                                                     position_weights=w)),
+                                [rand(3, 6, dtype=dt), rand(6, 2, dtype=dt, seed=1)]),
+    "DiffSortNet": lambda dt: ((lambda x: flashloss.DiffSortNet("odd_even", 5, steepness=4.0)(x)), [rand(3, 5, dtype=dt)]),
+    "permutation_loss": lambda dt: ((lambda x, t: flashloss.permutation_loss(
+        flashloss.sort_network(x, steepness=4.0, return_P=True).P, t)), [rand(3, 5, dtype=dt), rand(3, 5, seed=2,
+                                                                                                    grad=False)]),
+    "groco_loss": lambda dt: ((lambda a, b: flashloss.groco_loss([a, b], topk_neg=3)),
+                              [rand(N, D, dtype=dt), rand(N, D, dtype=dt, seed=1)]),
+    "soft_rank": lambda dt: ((lambda x: flashloss.soft_rank(x, steepness=2.0)), [rand(3, 7, dtype=dt)]),
+    "spearman_loss": lambda dt: ((lambda x, t: flashloss.spearman_loss(x, t, steepness=2.0)),
+                                 [rand(3, 7, dtype=dt), rand(3, 7, seed=3, grad=False)]),
+    "neural_sort": lambda dt: ((lambda s: flashloss.neural_sort(s, tau=0.5)), [rand(3, 5, dtype=dt)]),
+    "neural_ndcg": lambda dt: ((lambda s, y: flashloss.neural_ndcg(s, y, k=3)),
+                               [rand(2, 5, dtype=dt), torch.tensor([[2.0, 0.0, 1.0, 3.0, 0.0],
+                                                                    [1.0, 0.0, 2.0, -1.0, -1.0]])]),
 }
 
 

@@ -158,3 +158,29 @@ def test_compiled_isogclr_module_two_steps_match_eager():
             _close(x, y, f"step {step} grad {k}")
         _close(mods[1].log_u_image, mods[0].log_u_image, "log u (image)")
         _close(mods[1].log_u_text, mods[0].log_u_text, "log u (text)")
+
+
+def test_distributed_losses_without_a_process_group_compile():
+    """flashloss.distributed's losses without an initialised process group are the single-process
+    losses, and compile like them (with a group they communicate inside autograd Functions and are
+    called eagerly; docs/DECISIONS.md, Hardening)."""
+    import flashloss.distributed as fd
+
+    def f(a, b, s):
+        return fd.clip_loss(a, b, s) + fd.siglip_loss(a, b, s, -s) + fd.info_nce(a, b) + fd.supcon_loss(
+            torch.cat([a, b]), torch.tensor([0, 1, 2, 0, 1, 2] * 2))
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(6, 5, generator=g).requires_grad_(True), torch.randn(6, 5, generator=g).requires_grad_(True),
+                torch.tensor(2.0, requires_grad=True)]
+
+    ins = inputs()
+    eager = f(*ins)
+    ge = torch.autograd.grad(eager, ins)
+    ins_c = inputs()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c)
+    gc = torch.autograd.grad(compiled, ins_c)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)

@@ -113,9 +113,9 @@ def test_without_a_process_group_the_losses_are_the_single_process_losses():
         fd.clip_loss(img, txt, 7.0, impl="allreduce")
     with pytest.raises(ValueError, match="impl='gather'"):
         fd.clip_loss(img, txt, 7.0, impl="ring", gather_with_grad=False)
-    with pytest.raises(ValueError, match="feature dimension"):
-        fd.clip_loss(img, txt[:, :4], 7.0)
-    with pytest.raises(ValueError, match=r"\[0, 9\)"):
+    with pytest.raises(ValueError, match=r"image_features and text_features must have one shape"):
+        fd.clip_loss(img, txt[:, :4], 7.0)  # (without a group: the single-process function's check)
+    with pytest.raises(IndexError, match=r"targets must be in \[0, 9\)"):
         fd.info_nce(img, txt, torch.full((9,), 9))
     with pytest.raises(RuntimeError, match="init_process_group"):
         fd.clip_loss(img, txt, 7.0, group=object())

@@ -269,3 +269,39 @@ def test_all_ignored_sequences(backend):
         assert torch.isfinite(loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all(), lt
         assert torch.all(gh[3] == 0), lt  # nothing scored in the empty sequence: no gradient
         assert all(torch.isfinite(v).all() for v in metrics.values()), lt
+
+
+# ---------------------------------------------------------------------------------------------
+# sorting networks (primitive C): extreme steepness, exact ties, huge magnitudes
+
+
+def _sort_backends():
+    impls = flashloss._backend.registered_ops()["sort_network"].impls
+    return [b for b in ("torch", "cpu") if b in impls and flashloss.backend_available(b, "cpu")[0]]
+
+
+@pytest.mark.parametrize("backend", _sort_backends())
+@pytest.mark.parametrize("relaxation", ["logistic", "logistic_phi", "gaussian", "reciprocal", "cauchy", "optimal"])
+@pytest.mark.parametrize("case", ["steep", "flat", "ties", "huge"])
+def test_sort_network_finite_at_extremes(backend, relaxation, case):
+    """Finite values, P and gradients wherever the math is finite: steepness 1e6 and 1e-3, rows with
+    exactly equal entries (alpha = 1/2; logistic_phi's derivative there is s * 1e-10^-lambda, large
+    but finite), and entries of magnitude 1e30 (fp32)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 9, generator=g)
+    steepness = {"steep": 1e6, "flat": 1e-3}.get(case, 10.0)
+    if case == "ties":
+        x[:, 3:7] = 0.25
+        x[1] = 1.0
+    if case == "huge":
+        x = x * 1e30
+    x.requires_grad_(True)
+    r = flashloss.sort_network(x, "bitonic", relaxation, steepness, return_P=True, position_weights=torch.ones(9, 1),
+                               backend=backend)
+    gx, = torch.autograd.grad(r.sorted.sum() + (r.P * torch.randn(r.P.shape, generator=g)).sum() + r.PW.sum(), x)
+    for t in (r.sorted, r.P, r.PW, gx):
+        assert torch.isfinite(t).all(), (case, relaxation)
+    ones = torch.ones(4, 9)
+    torch.testing.assert_close(r.P.sum(1), ones, rtol=0, atol=1e-5)
+    if case == "steep":  # the hard limit
+        torch.testing.assert_close(r.sorted, torch.sort(x.detach(), dim=1).values, rtol=1e-5, atol=1e-5)

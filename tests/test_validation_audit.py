@@ -103,12 +103,22 @@ BASE = {
     "DistillClipLoss": dict(image_features=q, text_features=k, logit_scale=2.0, dist_image_features=_t(N, 2),
                             dist_text_features=_t(N, 2), dist_logit_scale=3.0),
     "ISogCLRLoss": dict(image_features=q, text_features=k, index=torch.tensor([0, 1, 2, 3])),
+    # sorting
+    "sort_network": dict(x=_t(3, 5)),
+    "DiffSortNet": dict(vectors=_t(3, 5)),
+    "permutation_loss": dict(P=torch.eye(5).expand(3, 5, 5), targets=_t(3, 5)),
+    "groco_loss": dict(views=[q, k], topk_neg=2),
+    "soft_rank": dict(x=_t(3, 5)),
+    "spearman_loss": dict(pred=_t(3, 5), target=_t(3, 5)),
+    "neural_sort": dict(s=_t(3, 5)),
+    "neural_ndcg": dict(scores=_t(2, 4), labels=torch.tensor([[2.0, 0.0, 1.0, 0.0], [1.0, 0.0, -1.0, -1.0]])),
 }
 
 _MODULES = {"FusedLinearPreferenceLoss": lambda: flashloss.FusedLinearPreferenceLoss("sigmoid"),
             "ClipLoss": flashloss.ClipLoss, "SigLipLoss": flashloss.SigLipLoss, "NTXentLoss": flashloss.NTXentLoss,
             "SupConLoss": flashloss.SupConLoss, "DistillClipLoss": flashloss.DistillClipLoss,
-            "ISogCLRLoss": lambda: flashloss.ISogCLRLoss(8)}
+            "ISogCLRLoss": lambda: flashloss.ISogCLRLoss(8),
+            "DiffSortNet": lambda: flashloss.DiffSortNet("odd_even", 5)}
 
 
 def _call(name, kwargs):
@@ -266,6 +276,37 @@ BAD_INPUTS = [
     ("FusedLinearPreferenceLoss", dict(weight=META(w)), V_, r"weight must be on device cpu"),
     ("FusedLinearPreferenceLoss", dict(ref_hidden=_t(2, 3, H + 1)), V_, r"ref_hidden must have the hidden size H=5"),
     ("FusedLinearPreferenceLoss", dict(ref_chosen_logps=_t(1)), V_, r"give both ref_chosen_logps and ref_rejected_logps"),
+    # ---- sorting (primitive C)
+    ("sort_network", dict(x=_t(3, 5).long()), T, r"x must have dtype"),
+    ("sort_network", dict(x=_t(3, 0)), V_, r"x must have shape \[\.\.\., n\] with n >= 1"),
+    ("sort_network", dict(network="merge"), V_, r"network must be one of"),
+    ("sort_network", dict(relaxation="softmax"), V_, r"relaxation must be one of"),
+    ("sort_network", dict(padding="zeros"), V_, r"padding must be one of"),
+    ("sort_network", dict(steepness=0.0), V_, r"steepness must be a finite number > 0"),
+    ("sort_network", dict(steepness=torch.tensor(3.0)), T, r"steepness must be a Python float"),
+    ("sort_network", dict(art_lambda=-1.0), V_, r"art_lambda must be a finite number >= 0"),
+    ("sort_network", dict(position_weights=_t(4, 2)), V_, r"position_weights must have shape \[n, g\]"),
+    ("sort_network", dict(position_weights=META(_t(5, 2))), V_, r"position_weights must be on device cpu"),
+    ("DiffSortNet", dict(vectors=_t(3, 6)), V_, r"DiffSortNet\(size=5\) sorts the last dimension, which must be 5"),
+    ("DiffSortNet", dict(vectors=_t(3, 5).long()), T, r"vectors must have dtype"),
+    ("permutation_loss", dict(targets=_t(3, 4)), V_, r"targets \[\.\.\., n\] with the same leading dimensions"),
+    ("permutation_loss", dict(P=torch.eye(5).expand(3, 5, 5).long()), T, r"P must have dtype"),
+    ("permutation_loss", dict(reduction="avg"), V_, r"reduction must be"),
+    ("groco_loss", dict(views=[q]), V_, r"groco_loss needs at least 2 views"),
+    ("groco_loss", dict(views=[q, _t(N, D + 1)]), V_, r"every view must have the shape of views\[0\]"),
+    ("groco_loss", dict(topk_neg=N), V_, r"topk_neg must be an int in \[0, B - 1\]"),
+    ("groco_loss", dict(views=[q, META(k)]), V_, r"views\[1\] must be on device cpu"),
+    ("groco_loss", dict(relaxation="softmax"), V_, r"relaxation must be one of"),
+    ("soft_rank", dict(steepness=-2.0), V_, r"steepness must be a finite number > 0"),
+    ("soft_rank", dict(x=_t(3, 5).long()), T, r"x must have dtype"),
+    ("spearman_loss", dict(target=_t(3, 4)), V_, r"pred and target must have one shape"),
+    ("spearman_loss", dict(network="merge"), V_, r"network must be one of"),
+    ("neural_sort", dict(tau=0.0), V_, r"tau must be a number > 0"),
+    ("neural_sort", dict(mask=torch.ones(3, 4, dtype=torch.bool)), V_, r"mask must have the shape of s"),
+    ("neural_sort", dict(mask=torch.tensor([[True, False, False, False, False]] * 3)), V_, r"must be trailing"),
+    ("neural_ndcg", dict(labels=torch.zeros(2, 5)), V_, r"labels must have the shape of scores"),
+    ("neural_ndcg", dict(k=0), V_, r"k must be an int >= 1"),
+    ("neural_ndcg", dict(scores=_t(2, 4).long()), T, r"scores must have dtype"),
 ]
 
 

@@ -55,7 +55,6 @@ single-process losses.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -101,7 +100,12 @@ _NO_TARGET = -(1 << 62)
 
 
 def _call_code(text: str) -> int:
-    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+    """31-bit FNV-1a hash of the call description (pure Python, so torch.compile traces it when no
+    process group is active; zlib.crc32 is a C builtin dynamo cannot trace)."""
+    h = 0x811C9DC5
+    for ch in text.encode():
+        h = ((h ^ ch) * 0x01000193) & 0xFFFFFFFF
+    return h & 0x7FFFFFFF
 
 
 def _meta_row(call: str, q, k, bias, labels=None, targets=None) -> list[int]:
@@ -603,6 +607,9 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, gr
         raise ValueError("local_loss=False or gather_with_grad=False are open_clip's all-gather variants; "
                          "use impl='gather' for them (the ring computes local rows with full gradients)")
     g = _resolve_group(group)
+    if g.world == 1:  # no process group (or a single process): the single-process loss
+        return single_process.clip_loss(image_features, text_features, logit_scale, logit_bias, reduction=reduction,
+                                        backend=backend)
     call = f"clip_loss|{impl}|{local_loss}|{gather_with_grad}|{reduction}"
     table = _agree(g, _meta_row(call, image_features, text_features, logit_bias), image_features.device)
     _check_table(table, "clip_loss", "image_features", "text_features", same_rows=True)
@@ -652,6 +659,9 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
     _check_features("image_features", image_features)
     _check_features("text_features", text_features)
     g = _resolve_group(group)
+    if g.world == 1:  # no process group (or a single process): the single-process loss
+        return single_process.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                          reduction=reduction, backend=backend)
     table = _agree(g, _meta_row(f"siglip_loss|{impl}|{reduction}", image_features, text_features, logit_bias),
                    image_features.device)
     _check_table(table, "siglip_loss", "image_features", "text_features", same_rows=True)
@@ -687,6 +697,9 @@ def info_nce(q, k, targets=None, *, group=None, impl: str = "ring", scale=None, 
     if targets is not None:
         check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=q.device)
     g = _resolve_group(group)
+    if g.world == 1:  # no process group (or a single process): the single-process loss
+        return single_process.info_nce(q, k, targets, scale=scale, temperature=temperature, bias=bias,
+                                       reduction=reduction, backend=backend)
     call = f"info_nce|{impl}|{reduction}|{targets is None}"
     table = _agree(g, _meta_row(call, q, k, bias, targets=targets), q.device)
     _check_table(table, "info_nce", "q", "k", labels_name=None if targets is None else "targets",
@@ -731,6 +744,9 @@ def supcon_loss(embeddings, labels, *, group=None, impl: str = "ring", temperatu
     _check_features("embeddings", embeddings)
     check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=embeddings.device)
     g = _resolve_group(group)
+    if g.world == 1:  # no process group (or a single process): the single-process loss
+        return single_process.supcon_loss(embeddings, labels, temperature=temperature, no_positive=no_positive,
+                                          base_temperature=base_temperature, reduction=reduction, backend=backend)
     table = _agree(g, _meta_row(f"supcon_loss|{impl}|{no_positive}|{reduction}", embeddings, embeddings, None,
                                 labels=labels), embeddings.device)
     _check_table(table, "supcon_loss", "embeddings", "embeddings", labels_name="labels")

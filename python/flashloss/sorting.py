@@ -340,6 +340,8 @@ def groco_loss(views: Union[Sequence[torch.Tensor], torch.Tensor], *, num_positi
 
 
 def _check_trailing_padding(mask: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # data-dependent; skipped in a compiled graph like the other value checks
+        return
     if mask.shape[-1] > 1 and bool((mask[..., :-1] & ~mask[..., 1:]).any()):
         raise ValueError("padded items (mask True / label == padded_value_indicator) must be trailing in every "
                          "list, as allRank's NeuralSort assumes")
@@ -396,13 +398,26 @@ def sinkhorn_scaling(mat: torch.Tensor, mask: Optional[torch.Tensor] = None, tol
             raise ValueError(f"mask must be [..., n] = {list(mat.shape[:-1])}, got {list(mask.shape)}")
         pair_pad = mask[..., :, None] | mask[..., None, :]
         mat = mat.masked_fill(pair_pad, 0.0).masked_fill(mask[..., :, None] & mask[..., None, :], 1.0)
-    for _ in range(max_iter):
-        mat = mat / mat.sum(dim=-2, keepdim=True).clamp(min=NDCG_EPS)
-        mat = mat / mat.sum(dim=-1, keepdim=True).clamp(min=NDCG_EPS)
+    def step(m):
+        m = m / m.sum(dim=-2, keepdim=True).clamp(min=NDCG_EPS)
+        m = m / m.sum(dim=-1, keepdim=True).clamp(min=NDCG_EPS)
         with torch.no_grad():
-            done = ((mat.sum(dim=-1) - 1).abs().max() < tol) & ((mat.sum(dim=-2) - 1).abs().max() < tol)
-        if bool(done):
-            break
+            done = ((m.sum(dim=-1) - 1).abs().max() < tol) & ((m.sum(dim=-2) - 1).abs().max() < tol)
+        return m, done
+
+    if torch.compiler.is_compiling():
+        # no data-dependent break in a graph: every iteration runs, and once the batch has converged
+        # the matrix is frozen by a select, so values and gradients equal eager's early stop
+        stopped = torch.zeros((), dtype=torch.bool, device=mat.device)
+        for _ in range(max_iter):
+            new, done = step(mat)
+            mat = torch.where(stopped, mat, new)
+            stopped = stopped | done
+    else:
+        for _ in range(max_iter):
+            mat, done = step(mat)
+            if bool(done):
+                break
     if mask is not None:
         mat = mat.masked_fill(pair_pad, 0.0)
     return mat
