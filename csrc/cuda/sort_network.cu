@@ -1,15 +1,21 @@
 // CUDA kernels of primitive C (flashloss.ops.sort_network): the same algorithm as the CPU kernels
 // (csrc/cpu/sort_network.cpp), relaxations from csrc/core/sort_network.h.
 //
-// Tiling: one warp per row (WARPS rows per block). The row's values live in shared memory and a
-// layer's comparators (disjoint slots) run one per lane, __syncwarp between layers. P is built in
+// Tiling: one warp per row (WARPS rows per block). For n <= 32 the row's values live in registers,
+// lane s holding slot s: a layer is one __shfl_sync from the lane's partner slot, read from a
+// per-block table of lane codes built once from the schedule (shared memory, L x 32 int16: the
+// comparator, the partner slot and the lane's side; -1 for an idle lane), so the two lanes of a
+// comparator compute the same alpha from the same operands and no synchronisation is needed between
+// layers. Above 32 the values live in shared memory and a layer's comparators (disjoint slots) run
+// one per lane, __syncwarp between layers. P is built in
 // blocks of 32 rows of P: lane l owns P row r0 + l as the shared column PT[s][l] (conflict-free:
 // consecutive lanes, consecutive banks), so every comparator is one mix per lane with no
 // synchronisation at all. P @ W sweeps W through the comparators backwards in the PW buffer, lane
 // k owning column k of W (again no synchronisation).
-// Decision: shared memory for every n rather than registers and shuffles for n <= 32: a shuffle
-// version needs per-layer partner tables and P columns in registers indexed by the schedule, and
-// it has not been measured against this one (no GPU has been lent to this project); the limit is
+// Decision: P and P @ W stay in shared memory at every n. Their update is per lane already (lane l
+// owns P row l, or column k of W) and needs no communication; in registers a P row would be indexed
+// by the schedule's slots, i.e. dynamic register indexing (local memory), and a slot-per-lane
+// layout would cost n shuffles per layer against one shared load/store per comparator. The limit is
 // shared memory: n <= sort_network_max_n (372 fp32 / 186 fp64 with P, 12288 / 6144 without).
 //
 // Saved for backward: alpha [B, C]. Backward recomputes the value differences into scratch [B, C],
@@ -60,30 +66,70 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+constexpr unsigned kFull = 0xffffffffu;
+
+// Lane codes of the register path (n <= 32): codes[l * 32 + s] = (c << 6) | (high << 5) | partner
+// for the comparator c of layer l that touches slot s (high: s is its max side j), -1 when slot s
+// is idle in layer l or s >= n. c < 496 for n <= 32, so a code fits in int16. Built by the whole
+// block; every thread of the block must call it (it synchronises the block).
+__device__ void build_lane_codes(const Geo& geo, int16_t* codes) {
+  for (int64_t k = threadIdx.x; k < geo.L * kLanes; k += blockDim.x) codes[k] = -1;
+  __syncthreads();
+  for (int64_t l = 0; l < geo.L; ++l)
+    for (int64_t c = geo.layer_ptr[l] + threadIdx.x; c < geo.layer_ptr[l + 1]; c += blockDim.x) {
+      const int i = geo.pairs[2 * c], j = geo.pairs[2 * c + 1];
+      codes[l * kLanes + i] = int16_t((c << 6) | j);
+      codes[l * kLanes + j] = int16_t((c << 6) | 32 | i);
+    }
+  __syncthreads();
+}
+
+__device__ __forceinline__ int code_partner(int code, int lane) { return code >= 0 ? (code & 31) : lane; }
+
 template <typename T, Relax K>
 __global__ void forward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, T* __restrict__ sorted,
                                T* __restrict__ alpha, T* __restrict__ P, const T* __restrict__ W, T* __restrict__ PW) {
   extern __shared__ unsigned char smem_raw[];
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t b = int64_t(blockIdx.x) * geo.warps + warp;
+  int16_t* codes = reinterpret_cast<int16_t*>(smem_raw + geo.warps * geo.per_warp * sizeof(T));
+  if (geo.n <= kLanes) build_lane_codes(geo, codes);  // before the early exit: it syncs the block
   if (b >= geo.B) return;  // uniform per warp
   const int64_t n = geo.n, C = geo.C;
   T* v = reinterpret_cast<T*>(smem_raw) + warp * geo.per_warp;
   T* PT = v + n;
   T* al = alpha + b * C;
-  for (int64_t s = lane; s < n; s += kLanes) v[s] = x[b * n + s];
-  __syncwarp();
-  for (int64_t l = 0; l < geo.L; ++l) {
-    const int64_t lo = geo.layer_ptr[l], hi = geo.layer_ptr[l + 1];
-    for (int64_t c = lo + lane; c < hi; c += kLanes) {
-      const int i = geo.pairs[2 * c], j = geo.pairs[2 * c + 1];
-      const T a = core::relax_alpha_k<K>(v[j] - v[i], st, lam);
-      al[c] = a;
-      mix(v[i], v[j], a);
+  if (n <= kLanes) {  // registers: lane s holds slot s, one shuffle per layer
+    T val = lane < n ? x[b * n + lane] : T(0);
+    for (int64_t l = 0; l < geo.L; ++l) {
+      const int code = codes[l * kLanes + lane];
+      const T other = __shfl_sync(kFull, val, code_partner(code, lane));
+      if (code >= 0) {
+        const bool high = (code & 32) != 0;
+        // d = b - a with a the min side's value: the same operands, hence bits, on both lanes
+        const T a = core::relax_alpha_k<K>(high ? val - other : other - val, st, lam);
+        if (!high) al[code >> 6] = a;
+        val = high ? (T(1) - a) * other + a * val : a * val + (T(1) - a) * other;
+      }
     }
+    const T out = __shfl_sync(kFull, val, lane < n ? geo.out_slot[lane] : 0);
+    if (lane < n) sorted[b * n + lane] = out;
+    __syncwarp();  // the alpha row is read by every lane of the P and P @ W passes
+  } else {
+    for (int64_t s = lane; s < n; s += kLanes) v[s] = x[b * n + s];
     __syncwarp();
+    for (int64_t l = 0; l < geo.L; ++l) {
+      const int64_t lo = geo.layer_ptr[l], hi = geo.layer_ptr[l + 1];
+      for (int64_t c = lo + lane; c < hi; c += kLanes) {
+        const int i = geo.pairs[2 * c], j = geo.pairs[2 * c + 1];
+        const T a = core::relax_alpha_k<K>(v[j] - v[i], st, lam);
+        al[c] = a;
+        mix(v[i], v[j], a);
+      }
+      __syncwarp();
+    }
+    for (int64_t r = lane; r < n; r += kLanes) sorted[b * n + r] = v[geo.out_slot[r]];
   }
-  for (int64_t r = lane; r < n; r += kLanes) sorted[b * n + r] = v[geo.out_slot[r]];
   if (P) {
     for (int64_t r0 = 0; r0 < n; r0 += kLanes) {
       for (int64_t s = 0; s < n; ++s) PT[s * kLanes + lane] = T(s == r0 + lane);
@@ -111,6 +157,8 @@ __global__ void backward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, c
   extern __shared__ unsigned char smem_raw[];
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t b = int64_t(blockIdx.x) * geo.warps + warp;
+  int16_t* codes = reinterpret_cast<int16_t*>(smem_raw + geo.warps * geo.per_warp * sizeof(T));
+  if (geo.n <= kLanes) build_lane_codes(geo, codes);  // before the early exit: it syncs the block
   if (b >= geo.B) return;
   const int64_t n = geo.n, C = geo.C, g = geo.g, B = geo.B;
   T* v = reinterpret_cast<T*>(smem_raw) + warp * geo.per_warp;
@@ -120,17 +168,32 @@ __global__ void backward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, c
   T* da = scratch + B * C + b * C;  // dL/dalpha
   T* rest = scratch + 2 * B * C;
   // layer inputs
-  for (int64_t s = lane; s < n; s += kLanes) v[s] = x[b * n + s];
   for (int64_t c = lane; c < C; c += kLanes) da[c] = T(0);
-  __syncwarp();
-  for (int64_t l = 0; l < geo.L; ++l) {
-    const int64_t lo = geo.layer_ptr[l], hi = geo.layer_ptr[l + 1];
-    for (int64_t c = lo + lane; c < hi; c += kLanes) {
-      const int i = geo.pairs[2 * c], j = geo.pairs[2 * c + 1];
-      d[c] = v[i] - v[j];
-      mix(v[i], v[j], al[c]);
+  if (n <= kLanes) {  // registers and shuffles, as in the forward
+    T val = lane < n ? x[b * n + lane] : T(0);
+    for (int64_t l = 0; l < geo.L; ++l) {
+      const int code = codes[l * kLanes + lane];
+      const T other = __shfl_sync(kFull, val, code_partner(code, lane));
+      if (code >= 0) {
+        const bool high = (code & 32) != 0;
+        const T a = al[code >> 6];
+        if (!high) d[code >> 6] = val - other;
+        val = high ? (T(1) - a) * other + a * val : a * val + (T(1) - a) * other;
+      }
     }
     __syncwarp();
+  } else {
+    for (int64_t s = lane; s < n; s += kLanes) v[s] = x[b * n + s];
+    __syncwarp();
+    for (int64_t l = 0; l < geo.L; ++l) {
+      const int64_t lo = geo.layer_ptr[l], hi = geo.layer_ptr[l + 1];
+      for (int64_t c = lo + lane; c < hi; c += kLanes) {
+        const int i = geo.pairs[2 * c], j = geo.pairs[2 * c + 1];
+        d[c] = v[i] - v[j];
+        mix(v[i], v[j], al[c]);
+      }
+      __syncwarp();
+    }
   }
   if (g_P) {  // P path, 32 rows of P per pass; lane sums of each comparator by shuffles
     T* pdiff = rest + b * C * kLanes;
@@ -193,6 +256,24 @@ __global__ void backward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, c
   if (g_sorted)
     for (int64_t r = lane; r < n; r += kLanes) v[geo.out_slot[r]] = g_sorted[b * n + r];
   __syncwarp();
+  if (n <= kLanes) {  // registers: lane s carries dL/d(slot s) back through the layers
+    T gv = lane < n ? v[lane] : T(0);
+    for (int64_t l = geo.L - 1; l >= 0; --l) {
+      const int code = codes[l * kLanes + lane];
+      const T other = __shfl_sync(kFull, gv, code_partner(code, lane));
+      if (code >= 0) {
+        const bool high = (code & 32) != 0;
+        const int64_t c = code >> 6;
+        const T a = al[c], dc = d[c];
+        const T gi = high ? other : gv, gj = high ? gv : other;  // the min and max sides' upstreams
+        const T dtot = da[c] + (gi - gj) * dc;
+        const T chain = core::relax_dalpha_k<K>(-dc, a, st, lam) * dtot;
+        gv = high ? ((T(1) - a) * gi + a * gj) + chain : (a * gi + (T(1) - a) * gj) - chain;
+      }
+    }
+    if (lane < n) g_x[b * n + lane] = gv;
+    return;
+  }
   for (int64_t l = geo.L - 1; l >= 0; --l) {
     const int64_t lo = geo.layer_ptr[l], hi = geo.layer_ptr[l + 1];
     for (int64_t c = lo + lane; c < hi; c += kLanes) {
@@ -216,6 +297,11 @@ Geo geometry(const SortLaunch& a, bool with_P, int64_t elem) {
   return geo;
 }
 
+// Dynamic shared memory: the warps' rows, then (register path, n <= 32) the block's lane codes.
+size_t smem_bytes(const Geo& geo, int64_t elem) {
+  return size_t(geo.warps * geo.per_warp * elem) + (geo.n <= kLanes ? size_t(geo.L * kLanes) * sizeof(int16_t) : 0);
+}
+
 template <typename F>
 void dispatch(int relax, F&& f) {
   switch (Relax(relax)) {
@@ -233,7 +319,7 @@ int forward_t(const SortLaunch& a, const void* x, void* sorted, void* alpha, voi
               cudaStream_t stream) {
   const Geo geo = geometry(a, P != nullptr, sizeof(T));
   const dim3 grid(unsigned((a.B + geo.warps - 1) / geo.warps)), block(unsigned(geo.warps * kLanes));
-  const size_t smem = size_t(geo.warps * geo.per_warp) * sizeof(T);
+  const size_t smem = smem_bytes(geo, sizeof(T));
   dispatch(a.relax, [&](auto kind) {
     forward_kernel<T, decltype(kind)::value><<<grid, block, smem, stream>>>(
         geo, T(a.steepness), T(a.art_lambda), static_cast<const T*>(x), static_cast<T*>(sorted), static_cast<T*>(alpha),
@@ -247,7 +333,7 @@ int backward_t(const SortLaunch& a, const void* x, const void* alpha, const void
                const void* g_PW, const void* W, void* g_x, void* g_W_rows, void* scratch, cudaStream_t stream) {
   const Geo geo = geometry(a, g_P != nullptr, sizeof(T));
   const dim3 grid(unsigned((a.B + geo.warps - 1) / geo.warps)), block(unsigned(geo.warps * kLanes));
-  const size_t smem = size_t(geo.warps * geo.per_warp) * sizeof(T);
+  const size_t smem = smem_bytes(geo, sizeof(T));
   dispatch(a.relax, [&](auto kind) {
     backward_kernel<T, decltype(kind)::value><<<grid, block, smem, stream>>>(
         geo, T(a.steepness), T(a.art_lambda), static_cast<const T*>(x), static_cast<const T*>(alpha),
