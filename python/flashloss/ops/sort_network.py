@@ -54,8 +54,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch backend: vectorised over rows, one step per layer; backward = autograd of the same steps,
-# recomputed in row chunks so that its tape stays bounded.
+# torch backend: vectorised over rows, one step per layer, every tensor with its slot axis at dim 1
+# and updated in place. P is carried transposed (PT[b, slot, input] = P[b, input, slot]) so that a
+# slot is a contiguous row of n; a layer whose comparators form an arithmetic progression of slots
+# (every odd-even layer) mixes strided views with no gather at all, other layers gather and scatter
+# their slots. A mix is two lerps (a 2-input fused kernel each). Backward is the analytic sweep of
+# OBJECTIVES.md §4.3/4.5 over row chunks, recomputing the layer inputs it needs.
 
 
 def relax_alpha(d: torch.Tensor, relax: str, steepness: float, art_lambda: float) -> torch.Tensor:
@@ -75,51 +79,6 @@ def relax_alpha(d: torch.Tensor, relax: str, steepness: float, art_lambda: float
         return (torch.clamp(v, -0.25, 0.25) + 0.5
                 + ((v > 0.25).to(v.dtype) - (v < -0.25).to(v.dtype)) * (0.25 - 1 / 16 / (v.abs() + 1e-10)))
     raise ValueError(f"relaxation must be one of {', '.join(RELAXATIONS)}; got {relax!r}")
-
-
-def _layer_index(sched: Schedule) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    pairs = sched.pairs.long()
-    return [(lo, hi, pairs[lo:hi, 0], pairs[lo:hi, 1]) for lo, hi in sched.layers()]
-
-
-def _torch_steps(x, sched, relax, steepness, art_lambda, want_P, W):
-    """Differentiable forward on x [B, n] (accumulation dtype). Returns sorted, P or None, PW or
-    None, alpha [B, C]."""
-    bsz, n = x.shape
-    layers = _layer_index(sched)
-    out_slot = sched.out_slot.long()
-    vals = x
-    P = torch.eye(n, dtype=x.dtype, device=x.device).expand(bsz, n, n) if want_P else None
-    alphas = []
-    for lo, hi, i, j in layers:
-        a, b = vals[:, i], vals[:, j]
-        alpha = relax_alpha(b - a, relax, steepness, art_lambda)
-        alphas.append((alpha, i, j))
-        vals = vals.index_copy(1, torch.cat([i, j]), torch.cat([alpha * a + (1 - alpha) * b,
-                                                               (1 - alpha) * a + alpha * b], 1))
-        if P is not None:
-            Pa, Pb, al = P[:, :, i], P[:, :, j], alpha[:, None, :]
-            P = P.index_copy(2, torch.cat([i, j]), torch.cat([al * Pa + (1 - al) * Pb, (1 - al) * Pa + al * Pb], 2))
-    PW = None
-    if W is not None:
-        # P = I M_1 ... M_L (each M_l mixes two columns and is symmetric), so P W = M_1 (... (M_L W_s))
-        # with W_s the position weights moved to the slots that hold each output position.
-        V = torch.zeros(W.shape[0], n, W.shape[2], dtype=W.dtype, device=W.device).index_copy(1, out_slot, W)
-        V = V.expand(bsz, n, W.shape[2])
-        for alpha, i, j in reversed(alphas):
-            Vi, Vj, al = V[:, i], V[:, j], alpha[:, :, None]
-            V = V.index_copy(1, torch.cat([i, j]), torch.cat([al * Vi + (1 - al) * Vj, (1 - al) * Vi + al * Vj], 1))
-        PW = V
-    alpha_all = torch.cat([a for a, _, _ in alphas], 1) if alphas else x.new_zeros(bsz, 0)
-    return vals[:, out_slot], (P[:, :, out_slot] if P is not None else None), PW, alpha_all
-
-
-def _torch_forward(x, sched, relax, steepness, art_lambda, want_P, W):
-    acc = acc_dtype(x.dtype)
-    with torch.no_grad():
-        s, P, PW, alpha = _torch_steps(x.to(acc), sched, relax, steepness, art_lambda, want_P, W)
-    return (s.contiguous(), P.contiguous() if P is not None else x.new_zeros(0, dtype=acc),
-            PW.contiguous() if PW is not None else x.new_zeros(0, dtype=acc), alpha.contiguous())
 
 
 def relax_dalpha(d: torch.Tensor, alpha: torch.Tensor, relax: str, steepness: float,
@@ -145,12 +104,97 @@ def relax_dalpha(d: torch.Tensor, alpha: torch.Tensor, relax: str, steepness: fl
     raise ValueError(f"relaxation must be one of {', '.join(RELAXATIONS)}; got {relax!r}")
 
 
-def _mix(t: torch.Tensor, dim: int, i, j, alpha) -> torch.Tensor:
-    """Slots i <- alpha t_i + (1-alpha) t_j, j <- (1-alpha) t_i + alpha t_j along `dim` (alpha is
-    broadcast to t_i's shape by the caller)."""
-    ti, tj = t.index_select(dim, i), t.index_select(dim, j)
-    return t.index_copy(dim, torch.cat([i, j]), torch.cat([alpha * ti + (1 - alpha) * tj,
-                                                          (1 - alpha) * ti + alpha * tj], dim))
+class _Layer(NamedTuple):
+    lo: int  # comparators lo .. hi - 1 of the schedule
+    hi: int
+    i: torch.Tensor  # int64 [m] slots of the minima (a side)
+    j: torch.Tensor  # int64 [m] slots of the maxima (b side)
+    si: Optional[slice]  # the same slots as a slice when they form an arithmetic progression
+    sj: Optional[slice]
+
+
+def _as_slice(idx: list[int], step: int) -> Optional[slice]:
+    return slice(idx[0], idx[-1] + 1, step)
+
+
+def _layers(sched: Schedule) -> list[_Layer]:
+    pairs = sched.pairs.long()
+    out = []
+    for lo, hi in sched.layers():
+        i, j = pairs[lo:hi, 0], pairs[lo:hi, 1]
+        il, jl = i.tolist(), j.tolist()
+        step = il[1] - il[0] if len(il) > 1 else 1
+        regular = step > 0 and all(il[k + 1] - il[k] == step and jl[k + 1] - jl[k] == step
+                                   for k in range(len(il) - 1))
+        out.append(_Layer(lo, hi, i, j, _as_slice(il, step) if regular else None,
+                          _as_slice(jl, step) if regular else None))
+    return out
+
+
+def _pair(t: torch.Tensor, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t's a-side slots, b-side slots): views for regular layers, gathered copies otherwise."""
+    if L.si is not None:
+        return t[:, L.si], t[:, L.sj]
+    return t.index_select(1, L.i), t.index_select(1, L.j)
+
+
+def _mix_(t: torch.Tensor, L: _Layer, al: torch.Tensor) -> None:
+    """In place along dim 1: slot i <- al t_i + (1 - al) t_j, slot j <- (1 - al) t_i + al t_j."""
+    ti, tj = _pair(t, L)
+    new_i = torch.lerp(tj, ti, al)
+    if L.si is not None:
+        torch.lerp(ti, tj, al, out=tj)  # elementwise on identical views: no partial overlap
+        ti.copy_(new_i)
+    else:
+        t.index_copy_(1, L.j, torch.lerp(ti, tj, al))
+        t.index_copy_(1, L.i, new_i)
+
+
+def _add_pair_(t: torch.Tensor, L: _Layer, chain: torch.Tensor) -> None:
+    """t[:, i] -= chain, t[:, j] += chain (dL/dalpha chained to the comparator's two inputs)."""
+    if L.si is not None:
+        t[:, L.si] -= chain
+        t[:, L.sj] += chain
+    else:
+        t.index_add_(1, L.i, chain, alpha=-1)
+        t.index_add_(1, L.j, chain)
+
+
+def _identity_rows(rows: int, n: int, dtype, device) -> torch.Tensor:
+    return torch.eye(n, dtype=dtype, device=device).repeat(rows, 1, 1)
+
+
+def _slot_weights(W: torch.Tensor, rows: int, out_slot: torch.Tensor) -> torch.Tensor:
+    """[rows, n, g]: the position weights moved to the slots holding each output position."""
+    V = torch.empty(rows, W.shape[1], W.shape[2], dtype=W.dtype, device=W.device)
+    V.index_copy_(1, out_slot, W.expand(rows, -1, -1))
+    return V
+
+
+def _torch_forward(x, sched, relax, steepness, art_lambda, want_P, W):
+    acc = acc_dtype(x.dtype)
+    bsz, n = x.shape
+    layers = _layers(sched)
+    out_slot = sched.out_slot.long()
+    with torch.no_grad():
+        vals = x.to(acc, copy=True)
+        PT = _identity_rows(bsz, n, acc, x.device) if want_P else None
+        alpha = empty(bsz, sched.num_comparators, dtype=acc, device=x.device)
+        for L in layers:
+            a, b = _pair(vals, L)
+            al = relax_alpha(b - a, relax, steepness, art_lambda)
+            alpha[:, L.lo:L.hi] = al
+            _mix_(vals, L, al)
+            if PT is not None:
+                _mix_(PT, L, al[:, :, None])
+        PW = x.new_zeros(0, dtype=acc)
+        if W is not None:
+            # P = I M_1 ... M_L with each M_l a symmetric two-column mix, so P W = M_1 (... (M_L W_s))
+            PW = _slot_weights(W, bsz, out_slot)
+            for L in reversed(layers):
+                _mix_(PW, L, alpha[:, L.lo:L.hi, None])
+        P = PT.index_select(1, out_slot).transpose(1, 2).contiguous() if PT is not None else x.new_zeros(0, dtype=acc)
+        return vals.index_select(1, out_slot), P, PW, alpha
 
 
 # rows per backward chunk: the tapes hold ~ rows * C * (1 + n + g) values
@@ -159,8 +203,8 @@ TORCH_CHUNK_ELEMS = 1 << 22
 
 def _torch_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P, g_PW, W, need_W):
     """The analytic backward of OBJECTIVES.md §4.3/4.5, vectorised over a chunk of rows. Per chunk:
-    a forward pass rebuilds the layer inputs (value differences a - b, and P's column differences
-    when P has an upstream); a forward sweep of U = dL/d(PW) through the layers gives the PW part of
+    a forward pass rebuilds the layer inputs (value differences a - b, and P's slot differences when
+    P has an upstream); a forward sweep of U = dL/d(PW) through the layers gives the PW part of
     dL/dalpha (and dL/dW at its end); a reverse pass carries dL/dvalues and dL/dP back through the
     layers, adds the value and P parts of dL/dalpha, and chains dL/dalpha to the two inputs of each
     comparator."""
@@ -170,7 +214,7 @@ def _torch_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P
     g = W.shape[2] if want_W else 0
     C = sched.num_comparators
     rows = max(1, min(bsz, TORCH_CHUNK_ELEMS // max(1, C * (1 + (n if want_P else 0) + g))))
-    layers = _layer_index(sched)
+    layers = _layers(sched)
     out_slot = sched.out_slot.long()
     g_x = empty(bsz, n, dtype=acc, device=x.device)
     g_W = torch.zeros_like(W) if (need_W and want_W) else None
@@ -178,55 +222,59 @@ def _torch_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P
         r1 = min(bsz, r0 + rows)
         al = alpha[r0:r1]
         # forward: layer inputs
-        vals = x[r0:r1].to(acc)
-        P = torch.eye(n, dtype=acc, device=x.device).expand(r1 - r0, n, n) if want_P else None
+        vals = x[r0:r1].to(acc, copy=True)
+        PT = _identity_rows(r1 - r0, n, acc, x.device) if want_P else None
         a_minus_b, p_diff = [], []
-        for lo, hi, i, j in layers:
-            a, b, alpha_l = vals[:, i], vals[:, j], al[:, lo:hi]
+        for L in layers:
+            a, b = _pair(vals, L)
             a_minus_b.append(a - b)
-            vals = _mix(vals, 1, i, j, alpha_l)
-            if P is not None:
-                p_diff.append(P[:, :, i] - P[:, :, j])
-                P = _mix(P, 2, i, j, alpha_l[:, None, :])
+            alpha_l = al[:, L.lo:L.hi]
+            _mix_(vals, L, alpha_l)
+            if PT is not None:
+                pa, pb = _pair(PT, L)
+                p_diff.append(pa - pb)
+                _mix_(PT, L, alpha_l[:, :, None])
         dalpha = torch.zeros(r1 - r0, C, dtype=acc, device=x.device)
         if want_W:
             Wc = W if W.shape[0] == 1 else W[r0:r1]
-            # V_l = M_{l+1} ... M_L W_s (the reverse sweep of the forward), kept per layer
-            V = torch.zeros(Wc.shape[0], n, g, dtype=acc, device=x.device).index_copy(1, out_slot, Wc)
-            V = V.expand(r1 - r0, n, g)
+            # V_l = M_{l+1} ... M_L W_s (the reverse sweep of the forward), its slot differences kept
+            V = _slot_weights(Wc, r1 - r0, out_slot)
             v_diff = [None] * len(layers)
             for k in range(len(layers) - 1, -1, -1):
-                lo, hi, i, j = layers[k]
-                v_diff[k] = V[:, i] - V[:, j]
-                V = _mix(V, 1, i, j, al[:, lo:hi, None])
-            U = g_PW[r0:r1]  # dL/dV_0, then dL/dV_l: U_l = M_l U_{l-1}
-            for k, (lo, hi, i, j) in enumerate(layers):
-                dalpha[:, lo:hi] += ((U[:, i] - U[:, j]) * v_diff[k]).sum(-1)
-                U = _mix(U, 1, i, j, al[:, lo:hi, None])
+                L = layers[k]
+                va, vb = _pair(V, L)
+                v_diff[k] = va - vb
+                _mix_(V, L, al[:, L.lo:L.hi, None])
+            U = g_PW[r0:r1].clone()  # dL/dV_0, then dL/dV_l: U_l = M_l U_{l-1}
+            for k, L in enumerate(layers):
+                ua, ub = _pair(U, L)
+                dalpha[:, L.lo:L.hi] += ((ua - ub) * v_diff[k]).sum(-1)
+                _mix_(U, L, al[:, L.lo:L.hi, None])
             if g_W is not None:  # dL/dW_s = U_L; position r lives in slot out_slot[r]
-                gw = U[:, out_slot]
+                gw = U.index_select(1, out_slot)
                 if W.shape[0] == 1:
                     g_W += gw.sum(0, keepdim=True)
                 else:
                     g_W[r0:r1] = gw
-        # reverse: dL/dvalues and dL/dP in slot space
+        # reverse: dL/dvalues and dL/dPT in slot space
         gv = torch.zeros(r1 - r0, n, dtype=acc, device=x.device)
         if g_sorted.numel():
-            gv[:, out_slot] = g_sorted[r0:r1]
-        G = None
+            gv.index_copy_(1, out_slot, g_sorted[r0:r1])
+        GT = None
         if want_P:
-            G = torch.zeros(r1 - r0, n, n, dtype=acc, device=x.device)
-            G[:, :, out_slot] = g_P[r0:r1]
+            GT = torch.zeros(r1 - r0, n, n, dtype=acc, device=x.device)
+            GT.index_copy_(1, out_slot, g_P[r0:r1].transpose(1, 2))
         for k in range(len(layers) - 1, -1, -1):
-            lo, hi, i, j = layers[k]
-            alpha_l = al[:, lo:hi]
-            da = dalpha[:, lo:hi] + (gv[:, i] - gv[:, j]) * a_minus_b[k]
-            gv = _mix(gv, 1, i, j, alpha_l)
-            if G is not None:
-                da = da + ((G[:, :, i] - G[:, :, j]) * p_diff[k]).sum(1)
-                G = _mix(G, 2, i, j, alpha_l[:, None, :])
-            chain = relax_dalpha(-a_minus_b[k], alpha_l, relax, steepness, art_lambda) * da
-            gv = gv.index_add(1, torch.cat([i, j]), torch.cat([-chain, chain], 1))
+            L = layers[k]
+            alpha_l = al[:, L.lo:L.hi]
+            ga, gb = _pair(gv, L)
+            da = dalpha[:, L.lo:L.hi] + (ga - gb) * a_minus_b[k]
+            _mix_(gv, L, alpha_l)
+            if GT is not None:
+                Ga, Gb = _pair(GT, L)
+                da += ((Ga - Gb) * p_diff[k]).sum(-1)
+                _mix_(GT, L, alpha_l[:, :, None])
+            _add_pair_(gv, L, relax_dalpha(-a_minus_b[k], alpha_l, relax, steepness, art_lambda) * da)
         g_x[r0:r1] = gv
     return g_x, (g_W if g_W is not None else x.new_zeros(0, dtype=acc))
 
