@@ -58,7 +58,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # and updated in place. P is carried transposed (PT[b, slot, input] = P[b, input, slot]) so that a
 # slot is a contiguous row of n; a layer whose comparators form an arithmetic progression of slots
 # (every odd-even layer) mixes strided views with no gather at all, other layers gather and scatter
-# their slots. A mix is two lerps (a 2-input fused kernel each). Backward is the analytic sweep of
+# their slots. A mix of P, P @ W or a gradient is two lerps (one fused kernel each); the values keep
+# diffsort's expressions so that sorted values stay bit-exact with it. Backward is the analytic sweep of
 # OBJECTIVES.md §4.3/4.5 over row chunks, recomputing the layer inputs it needs.
 
 
@@ -150,6 +151,19 @@ def _mix_(t: torch.Tensor, L: _Layer, al: torch.Tensor) -> None:
         t.index_copy_(1, L.i, new_i)
 
 
+def _mix_values_(t: torch.Tensor, L: _Layer, al: torch.Tensor) -> None:
+    """`_mix_` for the [rows, n] values, written as diffsort writes it (bit-exact sorted values for
+    the relaxations whose alpha is bit-exact; the lerp form rounds differently in the last bit)."""
+    a, b = _pair(t, L)
+    new_i, new_j = al * a + (1 - al) * b, (1 - al) * a + al * b
+    if L.si is not None:
+        a.copy_(new_i)
+        b.copy_(new_j)
+    else:
+        t.index_copy_(1, L.i, new_i)
+        t.index_copy_(1, L.j, new_j)
+
+
 def _add_pair_(t: torch.Tensor, L: _Layer, chain: torch.Tensor) -> None:
     """t[:, i] -= chain, t[:, j] += chain (dL/dalpha chained to the comparator's two inputs)."""
     if L.si is not None:
@@ -184,7 +198,7 @@ def _torch_forward(x, sched, relax, steepness, art_lambda, want_P, W):
             a, b = _pair(vals, L)
             al = relax_alpha(b - a, relax, steepness, art_lambda)
             alpha[:, L.lo:L.hi] = al
-            _mix_(vals, L, al)
+            _mix_values_(vals, L, al)
             if PT is not None:
                 _mix_(PT, L, al[:, :, None])
         PW = x.new_zeros(0, dtype=acc)
@@ -229,7 +243,7 @@ def _torch_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P
             a, b = _pair(vals, L)
             a_minus_b.append(a - b)
             alpha_l = al[:, L.lo:L.hi]
-            _mix_(vals, L, alpha_l)
+            _mix_values_(vals, L, alpha_l)
             if PT is not None:
                 pa, pb = _pair(PT, L)
                 p_diff.append(pa - pb)
