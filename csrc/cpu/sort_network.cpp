@@ -3,9 +3,9 @@
 //
 // Layout and tiling. Rows are independent; OpenMP runs groups of G = 8 rows. The values of a
 // group live slot-major with the rows in SIMD lanes (V[s][l], l < G): a comparator (slots i, j)
-// is then one vector mix for 8 rows, alpha included (fp32 cauchy uses the vectorisable
-// core::fast_atan, <= 3 ulp) -- per row a network is a chain of dependent scalar steps, so lanes
-// across rows are what vectorises. P is built per row in blocks of R = 16 rows of P: PT[s][l]
+// is then one vector mix for 8 rows, alpha included (fp32 cauchy and logistic through the
+// vectorisable core::fast_atan / core::fast_exp) -- per row a network is a chain of dependent
+// scalar steps, so lanes across rows are what vectorises. P is built per row in blocks of R = 16 rows of P: PT[s][l]
 // holds P[r0 + l, slot s], so a comparator mixes two contiguous 16-float vectors. P @ W is the
 // sweep of OBJECTIVES.md §4.5 (V <- W from the last comparator to the first), O(g * C) per row.
 //
@@ -56,11 +56,26 @@ inline void mix_block(T* __restrict pi, T* __restrict pj, T al) {
   }
 }
 
-// alpha with the relaxation fixed at compile time; fp32 cauchy through the vectorisable atan.
+// fp32 alpha of the relaxations that have a vectorisable form, over a lane type F (float or the
+// 8-lane vf8) so that the vector path and the scalar uses give the same bits: cauchy through
+// core::fast_atan (<= 3 ulp), logistic as 1 / (1 + e^-u) (torch.sigmoid's form) through
+// core::fast_exp (<= 1.5 ulp). glibc's atanf / expf are scalar calls that gcc does not vectorise.
+template <core::Relax K>
+constexpr bool kLaneAlpha = K == core::Relax::cauchy || K == core::Relax::logistic;
+
+template <core::Relax K, typename F>
+inline F lane_alpha(F d, float s) {
+  if constexpr (K == core::Relax::cauchy)
+    return core::fast_atan_lanes<F>(d * s) * 0.31830988618379067154f + 0.5f;
+  else
+    return 1.0f / (1.0f + core::fast_exp_lanes<F>(-(d * s)));
+}
+
+// alpha with the relaxation fixed at compile time.
 template <core::Relax K, typename T>
 inline T alpha_of(T d, T s, T lam) {
-  if constexpr (K == core::Relax::cauchy && std::is_same_v<T, float>)
-    return core::fast_atan(s * d) * 0.31830988618379067154f + 0.5f;
+  if constexpr (kLaneAlpha<K> && std::is_same_v<T, float>)
+    return lane_alpha<K, float>(d, s);
   else
     return core::relax_alpha_k<K>(d, s, lam);
 }
@@ -91,10 +106,10 @@ inline void values_group(const SortSchedule& s, const core::RelaxParams<T>& p, i
   for (int64_t c = 0; c < C; ++c) {
     T* vi = V + int64_t(s.pairs[2 * c]) * G;
     T* vj = V + int64_t(s.pairs[2 * c + 1]) * G;
-    if constexpr (K == core::Relax::cauchy && std::is_same_v<T, float> && G == kLanes) {
-      if (alpha_out) {  // the target case: one 8-lane atan (gcc does not if-convert the scalar one)
+    if constexpr (kLaneAlpha<K> && std::is_same_v<T, float> && G == kLanes) {
+      if (alpha_out) {  // one 8-lane atan / exp (gcc does not if-convert the scalar ones)
         const vf8 a = load8(vi), b = load8(vj);
-        const vf8 av = core::fast_atan_lanes<vf8>((b - a) * st) * 0.31830988618379067154f + 0.5f;
+        const vf8 av = lane_alpha<K, vf8>(b - a, st);
         const vf8 lo = av * a + (1.0f - av) * b, hi = (1.0f - av) * a + av * b;
         std::memcpy(vi, &lo, sizeof(lo));
         std::memcpy(vj, &hi, sizeof(hi));
