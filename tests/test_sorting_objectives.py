@@ -73,6 +73,20 @@ def test_diffsortnet_matches_diffsort(network, relaxation, n, backend):
     check_against_reference(ours, anchor, [x], torch.float64, tol=tol, name=f"{network} {relaxation} n={n} fp64")
 
 
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+def test_torch_backend_sorted_values_are_bit_exact_with_diffsort(network, relaxation):
+    """The torch backend writes alpha and each comparator's min / max with diffsort's expressions
+    (docs/DECISIONS.md), so its fp32 sorted values equal diffsort's bit for bit; P is only close
+    (diffsort multiplies layer matrices)."""
+    diffsort = require_anchor("diffsort", "the DiffSortNet anchor")
+    for n in (2, 7, 16, 33):
+        x = randn(16, n, seed=n, dtype=torch.float32)
+        theirs, _ = diffsort.DiffSortNet(network, n, steepness=5.0, distribution=relaxation)(x)
+        ours = flashloss.sort_network(x, network, relaxation, 5.0, padding="diffsort", backend="torch").sorted
+        assert torch.equal(ours, theirs), f"{network} {relaxation} n={n}: max diff {(ours - theirs).abs().max()}"
+
+
 def test_diffsortnet_interpolation_type_and_positional_arguments():
     diffsort = require_anchor("diffsort", "the DiffSortNet anchor")
     x = randn(4, 7, seed=1)
