@@ -5,9 +5,10 @@
 // group live slot-major with the rows in SIMD lanes (V[s][l], l < G): a comparator (slots i, j)
 // is then one vector mix for 8 rows, alpha included (fp32 cauchy and logistic through the
 // vectorisable core::fast_atan / core::fast_exp) -- per row a network is a chain of dependent
-// scalar steps, so lanes across rows are what vectorises. P is built per row in blocks of R = 16 rows of P: PT[s][l]
-// holds P[r0 + l, slot s], so a comparator mixes two contiguous 16-float vectors. P @ W is the
-// sweep of OBJECTIVES.md §4.5 (V <- W from the last comparator to the first), O(g * C) per row.
+// scalar steps, so lanes across rows are what vectorises. P is built per row in blocks of R = 16
+// rows of P: PT[s][l] holds P[r0 + l, slot s], so a comparator mixes two contiguous 16-float
+// vectors. P @ W is the sweep of OBJECTIVES.md §4.5 (V <- W from the last comparator to the
+// first), O(g * C) per row.
 //
 // Saved for backward: alpha [B, C] only. The backward recomputes, per group, the value differences
 // a - b (tape [C][G]); per row, the P column differences of each 16-row block (tape [C][R]) and the

@@ -86,6 +86,34 @@ __device__ void build_lane_codes(const Geo& geo, int16_t* codes) {
 
 __device__ __forceinline__ int code_partner(int code, int lane) { return code >= 0 ? (code & 31) : lane; }
 
+// The register path's forward sweep of one row (n <= 32; every lane of the warp calls it): lane s
+// enters with slot s's value and leaves with its value after the last layer. With kComputeAlpha
+// each comparator's alpha is computed and stored in al_out[c] (the forward); otherwise it is read
+// from al_in[c] and the layer input a - b is stored in d[c] (the backward's recompute).
+template <typename T, Relax K, bool kComputeAlpha>
+__device__ __forceinline__ T register_sweep(const Geo& geo, const int16_t* codes, int lane, T val, T st, T lam,
+                                            T* al_out, const T* al_in, T* d) {
+  for (int64_t l = 0; l < geo.L; ++l) {
+    const int code = codes[l * kLanes + lane];
+    const T other = __shfl_sync(kFull, val, code_partner(code, lane));
+    if (code >= 0) {
+      const bool high = (code & 32) != 0;
+      const int64_t c = code >> 6;
+      T a;
+      if constexpr (kComputeAlpha) {
+        // d = b - a with a the min side's value: the same operands, hence bits, on both lanes
+        a = core::relax_alpha_k<K>(high ? val - other : other - val, st, lam);
+        if (!high) al_out[c] = a;
+      } else {
+        a = al_in[c];
+        if (!high) d[c] = val - other;
+      }
+      val = high ? (T(1) - a) * other + a * val : a * val + (T(1) - a) * other;
+    }
+  }
+  return val;
+}
+
 template <typename T, Relax K>
 __global__ void forward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, T* __restrict__ sorted,
                                T* __restrict__ alpha, T* __restrict__ P, const T* __restrict__ W, T* __restrict__ PW) {
@@ -100,18 +128,7 @@ __global__ void forward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, T*
   T* PT = v + n;
   T* al = alpha + b * C;
   if (n <= kLanes) {  // registers: lane s holds slot s, one shuffle per layer
-    T val = lane < n ? x[b * n + lane] : T(0);
-    for (int64_t l = 0; l < geo.L; ++l) {
-      const int code = codes[l * kLanes + lane];
-      const T other = __shfl_sync(kFull, val, code_partner(code, lane));
-      if (code >= 0) {
-        const bool high = (code & 32) != 0;
-        // d = b - a with a the min side's value: the same operands, hence bits, on both lanes
-        const T a = core::relax_alpha_k<K>(high ? val - other : other - val, st, lam);
-        if (!high) al[code >> 6] = a;
-        val = high ? (T(1) - a) * other + a * val : a * val + (T(1) - a) * other;
-      }
-    }
+    const T val = register_sweep<T, K, true>(geo, codes, lane, lane < n ? x[b * n + lane] : T(0), st, lam, al, nullptr, nullptr);
     const T out = __shfl_sync(kFull, val, lane < n ? geo.out_slot[lane] : 0);
     if (lane < n) sorted[b * n + lane] = out;
     __syncwarp();  // the alpha row is read by every lane of the P and P @ W passes
@@ -170,17 +187,7 @@ __global__ void backward_kernel(Geo geo, T st, T lam, const T* __restrict__ x, c
   // layer inputs
   for (int64_t c = lane; c < C; c += kLanes) da[c] = T(0);
   if (n <= kLanes) {  // registers and shuffles, as in the forward
-    T val = lane < n ? x[b * n + lane] : T(0);
-    for (int64_t l = 0; l < geo.L; ++l) {
-      const int code = codes[l * kLanes + lane];
-      const T other = __shfl_sync(kFull, val, code_partner(code, lane));
-      if (code >= 0) {
-        const bool high = (code & 32) != 0;
-        const T a = al[code >> 6];
-        if (!high) d[code >> 6] = val - other;
-        val = high ? (T(1) - a) * other + a * val : a * val + (T(1) - a) * other;
-      }
-    }
+    register_sweep<T, K, false>(geo, codes, lane, lane < n ? x[b * n + lane] : T(0), st, lam, nullptr, al, d);
     __syncwarp();
   } else {
     for (int64_t s = lane; s < n; s += kLanes) v[s] = x[b * n + s];

@@ -28,6 +28,7 @@ Backend contract (every backend, same arguments):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -114,22 +115,26 @@ class _Layer(NamedTuple):
     sj: Optional[slice]
 
 
-def _as_slice(idx: list[int], step: int) -> Optional[slice]:
-    return slice(idx[0], idx[-1] + 1, step)
-
-
-def _layers(sched: Schedule) -> list[_Layer]:
+@functools.lru_cache(maxsize=None)
+def _layer_plan(network: str, n: int, padding: str, device: torch.device) -> tuple[_Layer, ...]:
+    """The schedule's layers for the torch backend, built once per (network, n, padding, device)
+    from the CPU schedule (no device-to-host reads on the hot path)."""
+    sched = schedule(network, n, padding)
     pairs = sched.pairs.long()
     out = []
     for lo, hi in sched.layers():
-        i, j = pairs[lo:hi, 0], pairs[lo:hi, 1]
-        il, jl = i.tolist(), j.tolist()
+        il, jl = pairs[lo:hi, 0].tolist(), pairs[lo:hi, 1].tolist()
         step = il[1] - il[0] if len(il) > 1 else 1
         regular = step > 0 and all(il[k + 1] - il[k] == step and jl[k + 1] - jl[k] == step
                                    for k in range(len(il) - 1))
-        out.append(_Layer(lo, hi, i, j, _as_slice(il, step) if regular else None,
-                          _as_slice(jl, step) if regular else None))
-    return out
+        out.append(_Layer(lo, hi, pairs[lo:hi, 0].to(device), pairs[lo:hi, 1].to(device),
+                          slice(il[0], il[-1] + 1, step) if regular else None,
+                          slice(jl[0], jl[-1] + 1, step) if regular else None))
+    return tuple(out)
+
+
+def _layers(sched: Schedule) -> tuple[_Layer, ...]:
+    return _layer_plan(sched.network, sched.n, sched.padding, sched.pairs.device)
 
 
 def _pair(t: torch.Tensor, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,26 +144,18 @@ def _pair(t: torch.Tensor, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
     return t.index_select(1, L.i), t.index_select(1, L.j)
 
 
-def _mix_(t: torch.Tensor, L: _Layer, al: torch.Tensor) -> None:
-    """In place along dim 1: slot i <- al t_i + (1 - al) t_j, slot j <- (1 - al) t_i + al t_j."""
+def _mix_(t: torch.Tensor, L: _Layer, al: torch.Tensor, diffsort_rounding: bool = False) -> None:
+    """In place along dim 1: slot i <- al t_i + (1 - al) t_j, slot j <- (1 - al) t_i + al t_j.
+    With `diffsort_rounding` (the values) written as diffsort writes it, so sorted values are
+    bit-exact with diffsort; otherwise (P, P @ W, gradients) as two lerps, one fused kernel each."""
     ti, tj = _pair(t, L)
-    new_i = torch.lerp(tj, ti, al)
-    if L.si is not None:
-        torch.lerp(ti, tj, al, out=tj)  # elementwise on identical views: no partial overlap
-        ti.copy_(new_i)
+    if diffsort_rounding:
+        new_i, new_j = al * ti + (1 - al) * tj, (1 - al) * ti + al * tj
     else:
-        t.index_copy_(1, L.j, torch.lerp(ti, tj, al))
-        t.index_copy_(1, L.i, new_i)
-
-
-def _mix_values_(t: torch.Tensor, L: _Layer, al: torch.Tensor) -> None:
-    """`_mix_` for the [rows, n] values, written as diffsort writes it (bit-exact sorted values for
-    the relaxations whose alpha is bit-exact; the lerp form rounds differently in the last bit)."""
-    a, b = _pair(t, L)
-    new_i, new_j = al * a + (1 - al) * b, (1 - al) * a + al * b
+        new_i, new_j = torch.lerp(tj, ti, al), torch.lerp(ti, tj, al)
     if L.si is not None:
-        a.copy_(new_i)
-        b.copy_(new_j)
+        ti.copy_(new_i)
+        tj.copy_(new_j)
     else:
         t.index_copy_(1, L.i, new_i)
         t.index_copy_(1, L.j, new_j)
@@ -198,7 +195,7 @@ def _torch_forward(x, sched, relax, steepness, art_lambda, want_P, W):
             a, b = _pair(vals, L)
             al = relax_alpha(b - a, relax, steepness, art_lambda)
             alpha[:, L.lo:L.hi] = al
-            _mix_values_(vals, L, al)
+            _mix_(vals, L, al, diffsort_rounding=True)
             if PT is not None:
                 _mix_(PT, L, al[:, :, None])
         PW = x.new_zeros(0, dtype=acc)
@@ -243,7 +240,7 @@ def _torch_backward(x, alpha, sched, relax, steepness, art_lambda, g_sorted, g_P
             a, b = _pair(vals, L)
             a_minus_b.append(a - b)
             alpha_l = al[:, L.lo:L.hi]
-            _mix_values_(vals, L, alpha_l)
+            _mix_(vals, L, alpha_l, diffsort_rounding=True)
             if PT is not None:
                 pa, pb = _pair(PT, L)
                 p_diff.append(pa - pb)
